@@ -1,0 +1,326 @@
+"""NHWC building blocks with torch semantics and a fast XLA:CPU path.
+
+Every layer here computes the same function as its torch counterpart (same padding, same
+BatchNorm statistics, same activation formulas). Two convolution kinds are rewritten on the CPU
+because XLA:CPU runs them slowly (see ../shared/docs/cpu-performance-notes.md):
+
+* depthwise convolutions become k*k shifted multiply-adds (XLA:CPU's grouped convolution runs at
+  ~1 GFLOP/s and took ~90% of the model's time);
+* 1x1 stride-1 convolutions become a matmul on a (N*H*W, C) view.
+
+On GPU/TPU the standard convolution is used. The maths is identical; summation order differs
+only at rounding level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+DType = jnp.dtype | type
+
+
+# ------------------------------------------------------------------------------------------------
+# Activations: torch's exact formulas, and torch's derivative at the kinks (custom JVPs), so
+# gradients agree even where an input sits exactly on a kink (jnp.maximum/clip split ties 0.5/0.5).
+
+
+@jax.custom_jvp
+def relu(x: Array) -> Array:
+    return jnp.maximum(x, 0)
+
+
+@relu.defjvp
+def _relu_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return relu(x), jnp.where(x > 0, t, jnp.zeros_like(t))
+
+
+@jax.custom_jvp
+def hardsigmoid(x: Array) -> Array:
+    return jnp.clip(x + 3, 0, 6) / 6
+
+
+@hardsigmoid.defjvp
+def _hardsigmoid_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return hardsigmoid(x), jnp.where((x > -3) & (x < 3), t / 6, jnp.zeros_like(t))
+
+
+@jax.custom_jvp
+def hardswish(x: Array) -> Array:
+    return x * jnp.clip(x + 3, 0, 6) / 6
+
+
+@hardswish.defjvp
+def _hardswish_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    slope = jnp.where(x < -3, 0.0, jnp.where(x <= 3, x / 3 + 0.5, 1.0)).astype(t.dtype)
+    return hardswish(x), slope * t
+
+
+ACTIVATIONS: dict[str | None, Callable[[Array], Array] | None] = {
+    None: None,
+    "relu": relu,
+    "hardswish": hardswish,
+    "hardsigmoid": hardsigmoid,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Convolution
+
+
+def _fast_cpu_path() -> bool:
+    # Decided at trace time: each backend compiles its own program.
+    return jax.default_backend() == "cpu"
+
+
+def depthwise_conv_shift(x: Array, kernel: Array, stride: int, padding: int, dilation: int) -> Array:
+    """Depthwise conv as k*k shifted multiply-adds. x: NHWC, kernel: (kh, kw, 1, C)."""
+    kh, kw = kernel.shape[:2]
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    n, h, w, c = x.shape
+    out_h = (h - dilation * (kh - 1) - 1) // stride + 1
+    out_w = (w - dilation * (kw - 1) - 1) // stride + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            tap = jax.lax.slice(
+                x,
+                (0, i * dilation, j * dilation, 0),
+                (n, i * dilation + (out_h - 1) * stride + 1, j * dilation + (out_w - 1) * stride + 1, c),
+                (1, stride, stride, 1),
+            )
+            term = tap * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+def pointwise_conv_dot(x: Array, kernel: Array, precision=None) -> Array:
+    """1x1 stride-1 conv as a matmul on the (N*H*W, C) view. kernel: (1, 1, Cin, Cout)."""
+    n, h, w, c = x.shape
+    y = jnp.dot(x.reshape(n * h * w, c), kernel[0, 0], precision=precision)
+    return y.reshape(n, h, w, kernel.shape[-1])
+
+
+class Conv2d(nnx.Module):
+    """torch.nn.Conv2d in NHWC with symmetric padding; kernel stored HWIO (kh, kw, Cin/groups, Cout).
+
+    ``impl``: "auto" (fast CPU rewrites on CPU, XLA convolution elsewhere), "xla", or "fast".
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        use_bias: bool = True,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        impl: str = "auto",
+        rngs: nnx.Rngs,
+    ):
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels}->{out_channels} not divisible by groups={groups}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.dilation, self.groups = dilation, groups
+        self.dtype, self.impl = dtype, impl
+        shape = (kernel_size, kernel_size, in_channels // groups, out_channels)
+        # torchvision's MobileNetV3 init: kaiming normal, fan_out (torch ignores groups here).
+        fan_out = out_channels * kernel_size * kernel_size
+        std = float(np.sqrt(2.0 / fan_out))
+        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), shape, param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_channels,), param_dtype)) if use_bias else None
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups == self.in_channels == self.out_channels and self.groups > 1
+
+    @property
+    def is_pointwise(self) -> bool:
+        return self.kernel_size == 1 and self.stride == 1 and self.groups == 1 and self.padding == 0
+
+    def __call__(self, x: Array) -> Array:
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        kernel = self.kernel[...].astype(dtype)
+        fast = self.impl == "fast" or (self.impl == "auto" and _fast_cpu_path())
+        if fast and self.is_depthwise:
+            y = depthwise_conv_shift(x, kernel, self.stride, self.padding, self.dilation)
+        elif fast and self.is_pointwise:
+            y = pointwise_conv_dot(x, kernel)
+        else:
+            p = self.padding
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=(self.stride, self.stride),
+                padding=((p, p), (p, p)),
+                rhs_dilation=(self.dilation, self.dilation),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=self.groups,
+            )
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class Linear(nnx.Module):
+    """torch.nn.Linear; kernel stored (in, out). Default init N(0, 0.01) as torchvision's classifier."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.kernel = nnx.Param(
+            0.01 * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype)
+        )
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        dtype = self.dtype or x.dtype
+        return jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype)) + self.bias[...].astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm with torch's semantics
+
+
+class BatchNorm(nnx.Module):
+    """torch.nn.BatchNorm2d over the last axis.
+
+    Differences from ``nnx.BatchNorm`` that matter for parity: ``momentum`` is torch's (weight of
+    the new batch), the running variance is updated with the *unbiased* batch variance, and
+    ``num_batches_tracked`` is kept so checkpoints round-trip to torch with ``strict=True``.
+    Under ``jax.jit`` with a sharded batch the statistics are over the global batch (SyncBN).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        use_running_average: bool = False,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+    ):
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.use_running_average, self.dtype = use_running_average, dtype
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: Array) -> Array:
+        dtype = self.dtype or x.dtype
+        # Statistics in at least float32 (bf16 compute keeps fp32 statistics).
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        scale = self.scale[...].astype(stat_dtype)
+        bias = self.bias[...].astype(stat_dtype)
+        if self.use_running_average:
+            # torch's CPU inference kernel folds BN into one multiply-add.
+            inv = scale / jnp.sqrt(self.var[...].astype(stat_dtype) + self.eps)
+            shift = bias - self.mean[...].astype(stat_dtype) * inv
+            return (x.astype(stat_dtype) * inv + shift).astype(dtype)
+        xf = x.astype(stat_dtype)
+        axes = tuple(range(x.ndim - 1))
+        mean = jnp.mean(xf, axis=axes)
+        centered = xf - mean
+        var = jnp.mean(jnp.square(centered), axis=axes)
+        n = int(np.prod([x.shape[a] for a in axes]))
+        m = self.momentum
+        unbiased = var * (n / max(n - 1, 1))
+        stat = self.mean[...].dtype
+        self.mean[...] = ((1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)).astype(stat)
+        self.var[...] = ((1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)).astype(stat)
+        self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        y = centered * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(dtype)
+
+
+class ConvNormActivation(nnx.Module):
+    """torchvision's Conv2dNormActivation: conv (no bias) -> BatchNorm -> optional activation."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        dilation: int = 1,
+        activation: str | None = "relu",
+        bn_eps: float = 1e-3,
+        bn_momentum: float = 0.01,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
+        self.activation = activation
+        self.conv = Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=(kernel_size - 1) // 2 * dilation,
+            dilation=dilation,
+            groups=groups,
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.bn = BatchNorm(
+            out_channels, eps=bn_eps, momentum=bn_momentum, dtype=dtype, param_dtype=param_dtype
+        )
+
+    def __call__(self, x: Array) -> Array:
+        y = self.bn(self.conv(x))
+        act = ACTIVATIONS[self.activation]
+        return y if act is None else act(y)
+
+
+class SqueezeExcitation(nnx.Module):
+    """torchvision's SqueezeExcitation with ReLU and hardsigmoid (MobileNetV3's variant)."""
+
+    def __init__(
+        self,
+        channels: int,
+        squeeze_channels: int,
+        *,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = Conv2d(channels, squeeze_channels, 1, **kw)
+        self.fc2 = Conv2d(squeeze_channels, channels, 1, **kw)
+
+    def __call__(self, x: Array) -> Array:
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = hardsigmoid(self.fc2(relu(self.fc1(s))))
+        return x * s

@@ -1,0 +1,65 @@
+"""Model builders, by torchvision's names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+
+from mbv3_jax.models.mobilenetv3 import (
+    BlockConfig,
+    InvertedResidual,
+    MobileNetV3,
+    make_divisible,
+    mobilenet_v3_config,
+    mobilenet_v3_large,
+    mobilenet_v3_small,
+)
+
+# torchvision name -> builder. Later model families register here too.
+BUILDERS: dict[str, Callable[..., nnx.Module]] = {
+    "mobilenet_v3_large": mobilenet_v3_large,
+    "mobilenet_v3_small": mobilenet_v3_small,
+}
+
+
+def list_models() -> list[str]:
+    return sorted(BUILDERS)
+
+
+def get_model(name: str, **kwargs: Any) -> nnx.Module:
+    """Build a model by its torchvision name, e.g. ``get_model("mobilenet_v3_small", num_classes=10)``."""
+    try:
+        builder = BUILDERS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}") from None
+    return builder(**kwargs)
+
+
+def build_from_architecture(architecture: dict[str, Any]) -> nnx.Module:
+    """Rebuild a model from its ``model.architecture`` record (what ``mbv3_jax.save`` stores)."""
+    import jax.numpy as jnp
+
+    builder, kwargs = architecture["builder"], dict(architecture["kwargs"])
+    if "dtype" in kwargs:
+        kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    if builder == "MobileNetV3":
+        table = [BlockConfig(**row) for row in kwargs.pop("inverted_residual_setting")]
+        return MobileNetV3(table, architecture=architecture, **kwargs)
+    return get_model(builder, **kwargs)
+
+
+__all__ = [
+    "BUILDERS",
+    "BlockConfig",
+    "InvertedResidual",
+    "MobileNetV3",
+    "build_from_architecture",
+    "get_model",
+    "list_models",
+    "make_divisible",
+    "mobilenet_v3_config",
+    "mobilenet_v3_large",
+    "mobilenet_v3_small",
+]

@@ -1,0 +1,428 @@
+"""MobileNetV3-Large/Small (torchvision's ``models/mobilenetv3.py``) as Flax NNX modules, NHWC.
+
+Module and attribute names mirror torchvision's (``features[i].block[j]``, ``fc1``/``fc2``) so
+that the weight mapping in ``porting`` stays a short declarative table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mbv3_jax.layers import ConvNormActivation, DType, Linear, SqueezeExcitation, hardswish
+from mbv3_jax.runtime import call_compiled
+
+# torchvision's MobileNetV3 BatchNorm: BatchNorm2d(eps=0.001, momentum=0.01).
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """torchvision's ``_make_divisible``: round to a multiple of ``divisor``, never down by >10%."""
+    min_value = divisor if min_value is None else min_value
+    new = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if new < 0.9 * value:
+        new += divisor
+    return new
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """One inverted-residual block (torchvision's ``InvertedResidualConfig``).
+
+    Channel counts are stored after ``width_mult`` scaling, as torchvision does; build rows with
+    :meth:`make` to apply the scaling, or give final channel counts directly.
+    ``activation`` is "RE" (ReLU) or "HS" (hardswish).
+    """
+
+    input_channels: int
+    kernel: int
+    expanded_channels: int
+    out_channels: int
+    use_se: bool
+    activation: str
+    stride: int
+    dilation: int = 1
+
+    def __post_init__(self):
+        if self.activation not in ("RE", "HS"):
+            raise ValueError(f"BlockConfig.activation must be 'RE' or 'HS', got {self.activation!r}")
+        if self.stride not in (1, 2):
+            raise ValueError(f"BlockConfig.stride must be 1 or 2, got {self.stride}")
+
+    @staticmethod
+    def adjust_channels(channels: int, width_mult: float) -> int:
+        return make_divisible(channels * width_mult, 8)
+
+    @classmethod
+    def make(
+        cls,
+        input_channels: int,
+        kernel: int,
+        expanded_channels: int,
+        out_channels: int,
+        use_se: bool,
+        activation: str,
+        stride: int,
+        dilation: int = 1,
+        width_mult: float = 1.0,
+    ) -> BlockConfig:
+        adjust = cls.adjust_channels
+        return cls(
+            adjust(input_channels, width_mult),
+            kernel,
+            adjust(expanded_channels, width_mult),
+            adjust(out_channels, width_mult),
+            use_se,
+            activation,
+            stride,
+            dilation,
+        )
+
+    @property
+    def use_hs(self) -> bool:
+        return self.activation == "HS"
+
+
+def mobilenet_v3_config(
+    arch: str, width_mult: float = 1.0, reduced_tail: bool = False, dilated: bool = False
+) -> tuple[list[BlockConfig], int]:
+    """The block table and ``last_channel`` of torchvision's ``_mobilenet_v3_conf``."""
+    rd = 2 if reduced_tail else 1
+    d = 2 if dilated else 1
+
+    def row(*args: Any) -> BlockConfig:
+        return BlockConfig.make(*args, width_mult=width_mult)
+
+    if arch == "mobilenet_v3_large":
+        table = [
+            row(16, 3, 16, 16, False, "RE", 1, 1),
+            row(16, 3, 64, 24, False, "RE", 2, 1),
+            row(24, 3, 72, 24, False, "RE", 1, 1),
+            row(24, 5, 72, 40, True, "RE", 2, 1),
+            row(40, 5, 120, 40, True, "RE", 1, 1),
+            row(40, 5, 120, 40, True, "RE", 1, 1),
+            row(40, 3, 240, 80, False, "HS", 2, 1),
+            row(80, 3, 200, 80, False, "HS", 1, 1),
+            row(80, 3, 184, 80, False, "HS", 1, 1),
+            row(80, 3, 184, 80, False, "HS", 1, 1),
+            row(80, 3, 480, 112, True, "HS", 1, 1),
+            row(112, 3, 672, 112, True, "HS", 1, 1),
+            row(112, 5, 672, 160 // rd, True, "HS", 2, d),
+            row(160 // rd, 5, 960 // rd, 160 // rd, True, "HS", 1, d),
+            row(160 // rd, 5, 960 // rd, 160 // rd, True, "HS", 1, d),
+        ]
+        last_channel = BlockConfig.adjust_channels(1280 // rd, width_mult)
+    elif arch == "mobilenet_v3_small":
+        table = [
+            row(16, 3, 16, 16, True, "RE", 2, 1),
+            row(16, 3, 72, 24, False, "RE", 2, 1),
+            row(24, 3, 88, 24, False, "RE", 1, 1),
+            row(24, 5, 96, 40, True, "HS", 2, 1),
+            row(40, 5, 240, 40, True, "HS", 1, 1),
+            row(40, 5, 240, 40, True, "HS", 1, 1),
+            row(40, 5, 120, 48, True, "HS", 1, 1),
+            row(48, 5, 144, 48, True, "HS", 1, 1),
+            row(48, 5, 288, 96 // rd, True, "HS", 2, d),
+            row(96 // rd, 5, 576 // rd, 96 // rd, True, "HS", 1, d),
+            row(96 // rd, 5, 576 // rd, 96 // rd, True, "HS", 1, d),
+        ]
+        last_channel = BlockConfig.adjust_channels(1024 // rd, width_mult)
+    else:
+        raise ValueError(
+            f"unknown MobileNetV3 arch {arch!r}; expected mobilenet_v3_large or mobilenet_v3_small"
+        )
+    return table, last_channel
+
+
+class InvertedResidual(nnx.Module):
+    """Expand 1x1 (if needed) -> depthwise kxk -> SE (optional) -> project 1x1; residual if shapes allow."""
+
+    def __init__(self, cfg: BlockConfig, *, dtype: DType | None, param_dtype: DType, rngs: nnx.Rngs):
+        self.use_res_connect = cfg.stride == 1 and cfg.input_channels == cfg.out_channels
+        act = "hardswish" if cfg.use_hs else "relu"
+        common = dict(bn_eps=BN_EPS, bn_momentum=BN_MOMENTUM, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        layers: list[nnx.Module] = []
+        if cfg.expanded_channels != cfg.input_channels:
+            layers.append(
+                ConvNormActivation(cfg.input_channels, cfg.expanded_channels, 1, activation=act, **common)
+            )
+        # A dilated block keeps its resolution: torchvision forces the depthwise stride to 1.
+        stride = 1 if cfg.dilation > 1 else cfg.stride
+        layers.append(
+            ConvNormActivation(
+                cfg.expanded_channels,
+                cfg.expanded_channels,
+                cfg.kernel,
+                stride=stride,
+                dilation=cfg.dilation,
+                groups=cfg.expanded_channels,
+                activation=act,
+                **common,
+            )
+        )
+        if cfg.use_se:
+            squeeze = make_divisible(cfg.expanded_channels // 4, 8)
+            layers.append(
+                SqueezeExcitation(
+                    cfg.expanded_channels, squeeze, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+                )
+            )
+        layers.append(
+            ConvNormActivation(cfg.expanded_channels, cfg.out_channels, 1, activation=None, **common)
+        )
+        self.block = nnx.List(layers)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x
+        for layer in self.block:
+            y = layer(y)
+        return x + y if self.use_res_connect else y
+
+
+def check_images(x: Any, in_channels: int = 3) -> None:
+    """Reject inputs the model would silently mis-read: wrong rank, NCHW, integer pixels."""
+    shape = getattr(x, "shape", None)
+    dtype = getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        raise TypeError(f"expected an array of images (N, H, W, {in_channels}), got {type(x).__name__}")
+    if len(shape) != 4:
+        raise ValueError(
+            f"expected a batch of images (N, H, W, {in_channels}) in NHWC, got shape {tuple(shape)}"
+        )
+    if shape[-1] != in_channels:
+        hint = (
+            " (this looks like NCHW: transpose with x.transpose(0, 2, 3, 1))"
+            if shape[1] == in_channels
+            else ""
+        )
+        raise ValueError(
+            f"expected NHWC images with {in_channels} channels last, got shape {tuple(shape)}{hint}"
+        )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"expected float images (normalized, as mbv3_jax.transforms produces), got dtype {dtype}; "
+            "convert uint8 photos with a preset from mbv3_jax.transforms"
+        )
+
+
+class MobileNetV3(nnx.Module):
+    """torchvision's ``MobileNetV3``: ``features`` (stem, blocks, last conv), avgpool, classifier.
+
+    Calling the model runs compiled (one program per input shape); inside your own jit/grad it
+    runs inline. Like torchvision, a freshly built model is in train mode: call ``.eval()``.
+    """
+
+    def __init__(
+        self,
+        inverted_residual_setting: Sequence[BlockConfig],
+        last_channel: int,
+        num_classes: int = 1000,
+        dropout: float = 0.2,
+        *,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+        architecture: dict[str, Any] | None = None,
+    ):
+        if not inverted_residual_setting:
+            raise ValueError("inverted_residual_setting should not be empty")
+        if not all(isinstance(c, BlockConfig) for c in inverted_residual_setting):
+            raise TypeError("inverted_residual_setting should be a sequence of BlockConfig")
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        common = dict(bn_eps=BN_EPS, bn_momentum=BN_MOMENTUM, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        first = inverted_residual_setting[0].input_channels
+        layers: list[nnx.Module] = [
+            ConvNormActivation(3, first, 3, stride=2, activation="hardswish", **common)
+        ]
+        for cfg in inverted_residual_setting:
+            layers.append(InvertedResidual(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+        last_in = inverted_residual_setting[-1].out_channels
+        last_out = 6 * last_in
+        layers.append(ConvNormActivation(last_in, last_out, 1, activation="hardswish", **common))
+        self.features = nnx.List(layers)
+        self.classifier_hidden = Linear(
+            last_out, last_channel, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.classifier_out = Linear(
+            last_channel, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.num_classes = num_classes
+        self.dtype = dtype
+        if architecture is None:
+            architecture = {
+                "builder": "MobileNetV3",
+                "kwargs": {
+                    "inverted_residual_setting": [dataclasses.asdict(c) for c in inverted_residual_setting],
+                    "last_channel": last_channel,
+                    "num_classes": num_classes,
+                    "dropout": dropout,
+                },
+            }
+        # Kept as a JSON string: static, hashable, and what ``mbv3_jax.save`` records.
+        self.architecture_json = _dump_architecture(architecture, dtype)
+
+    # -- public API -------------------------------------------------------------------------------
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """How to rebuild this model: ``{"builder": name, "kwargs": {...}}`` (JSON-serialisable)."""
+        import json
+
+        return json.loads(self.architecture_json)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.features)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits (N, num_classes) for normalized NHWC float images (N, H, W, 3)."""
+        check_images(x)
+        return call_compiled(self, "forward", x)
+
+    def extract_features(self, x: jax.Array, stages: Sequence[int]) -> dict[int, jax.Array]:
+        """Outputs of ``features[i]`` for each i in ``stages`` (torchvision's numbering), NHWC.
+
+        Stops after the deepest requested stage, so early stages cost only what they need.
+        """
+        check_images(x)
+        stages = tuple(sorted({int(s) for s in stages}))
+        if not stages or stages[0] < 0 or stages[-1] >= self.num_stages:
+            raise ValueError(f"stages must be in [0, {self.num_stages - 1}], got {stages}")
+        return call_compiled(self, "forward_features", x, static_args=(stages,))
+
+    # -- traceable implementations (run under jit) ------------------------------------------------
+
+    def forward_features(self, x: jax.Array, stages: tuple[int, ...]) -> dict[int, jax.Array]:
+        out = {}
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in stages:
+                out[i] = x
+            if i >= stages[-1]:
+                break
+        return out
+
+    def forward(self, x: jax.Array) -> jax.Array:
+        for layer in self.features:
+            x = layer(x)
+        x = jnp.mean(x, axis=(1, 2))
+        x = hardswish(self.classifier_hidden(x))
+        x = self.dropout(x)
+        return self.classifier_out(x)
+
+
+def _dump_architecture(architecture: dict[str, Any], dtype: DType | None) -> str:
+    import json
+
+    kwargs = dict(architecture["kwargs"])
+    if dtype is not None:
+        kwargs["dtype"] = np.dtype(dtype).name
+    return json.dumps({"builder": architecture["builder"], "kwargs": kwargs}, sort_keys=True)
+
+
+def _mobilenet_v3(
+    arch: str,
+    *,
+    weights: Any,
+    num_classes: int,
+    width_mult: float,
+    reduced_tail: bool,
+    dilated: bool,
+    dropout: float,
+    dtype: DType | None,
+    param_dtype: DType,
+    rngs: nnx.Rngs | None,
+    seed: int,
+) -> MobileNetV3:
+    if weights is not None:
+        raise ValueError(
+            f"{arch}(weights=...) needs torch: use porting.load_torchvision({arch!r}, {weights!r}) "
+            "to convert torchvision weights, or mbv3_jax.load(directory) for a saved model"
+        )
+    table, last_channel = mobilenet_v3_config(arch, width_mult, reduced_tail, dilated)
+    architecture = {
+        "builder": arch,
+        "kwargs": dict(
+            num_classes=num_classes,
+            width_mult=width_mult,
+            reduced_tail=reduced_tail,
+            dilated=dilated,
+            dropout=dropout,
+        ),
+    }
+    return MobileNetV3(
+        table,
+        last_channel,
+        num_classes,
+        dropout,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs if rngs is not None else nnx.Rngs(seed),
+        architecture=architecture,
+    )
+
+
+def mobilenet_v3_large(
+    *,
+    weights: Any = None,
+    num_classes: int = 1000,
+    width_mult: float = 1.0,
+    reduced_tail: bool = False,
+    dilated: bool = False,
+    dropout: float = 0.2,
+    dtype: DType | None = None,
+    param_dtype: DType = jnp.float32,
+    rngs: nnx.Rngs | None = None,
+    seed: int = 0,
+) -> MobileNetV3:
+    """MobileNetV3-Large with torchvision's arguments. ``dtype=jnp.bfloat16`` computes in bf16."""
+    return _mobilenet_v3(
+        "mobilenet_v3_large",
+        weights=weights,
+        num_classes=num_classes,
+        width_mult=width_mult,
+        reduced_tail=reduced_tail,
+        dilated=dilated,
+        dropout=dropout,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        seed=seed,
+    )
+
+
+def mobilenet_v3_small(
+    *,
+    weights: Any = None,
+    num_classes: int = 1000,
+    width_mult: float = 1.0,
+    reduced_tail: bool = False,
+    dilated: bool = False,
+    dropout: float = 0.2,
+    dtype: DType | None = None,
+    param_dtype: DType = jnp.float32,
+    rngs: nnx.Rngs | None = None,
+    seed: int = 0,
+) -> MobileNetV3:
+    """MobileNetV3-Small with torchvision's arguments. ``dtype=jnp.bfloat16`` computes in bf16."""
+    return _mobilenet_v3(
+        "mobilenet_v3_small",
+        weights=weights,
+        num_classes=num_classes,
+        width_mult=width_mult,
+        reduced_tail=reduced_tail,
+        dilated=dilated,
+        dropout=dropout,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        seed=seed,
+    )

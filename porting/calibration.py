@@ -1,0 +1,106 @@
+"""Realistic random weights for parity checks, made offline.
+
+torchvision's default init gives MobileNetV3 logits near 1e-10, which proves nothing. Here every
+conv / linear / BatchNorm affine parameter is drawn at a scale that keeps activations O(1), and
+then every BatchNorm's running statistics are *calibrated* on real photos (those scikit-image
+ships), so that eval-mode activations look like a trained network's: normalised, with real
+spatial structure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+# Colour photos that scikit-image ships inside its wheel (no download).
+PHOTO_NAMES: tuple[str, ...] = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "colorwheel",
+    "retina",
+)
+
+
+def sample_photos(names: Sequence[str] = PHOTO_NAMES) -> list[np.ndarray]:
+    """uint8 HWC RGB photos from ``skimage.data``."""
+    import skimage.data
+
+    photos = []
+    for name in names:
+        image = getattr(skimage.data, name)()
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=-1)
+        photos.append(np.ascontiguousarray(image[..., :3]))
+    return photos
+
+
+def randomize_weights_(model: torch.nn.Module, seed: int = 0, conv_gain: float = 1.0) -> torch.nn.Module:
+    """Draw every parameter of ``model`` in place at an activation-preserving scale."""
+    g = torch.Generator().manual_seed(seed)
+
+    def normal_(t: torch.Tensor, std: float, mean: float = 0.0) -> None:
+        t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * std + mean)
+
+    def uniform_(t: torch.Tensor, lo: float, hi: float) -> None:
+        t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) * (hi - lo) + lo)
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                fan_in = module.weight[0].numel()
+                normal_(module.weight, conv_gain * math.sqrt(2.0 / fan_in))
+                if module.bias is not None:
+                    normal_(module.bias, 0.5)
+            elif (
+                isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+                or type(module).__name__ == "FrozenBatchNorm2d"
+            ):
+                uniform_(module.weight, 0.5, 1.5)
+                normal_(module.bias, 0.3)
+    return model
+
+
+def calibrate_batchnorm_(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> torch.nn.Module:
+    """Set every BatchNorm's running statistics to the average over ``batches`` (train-mode passes).
+
+    Uses torch's cumulative averaging (``momentum=None``); leaves the model in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+        m.num_batches_tracked.zero_()
+    return model.eval()
+
+
+def classification_inputs(
+    photos: Sequence[np.ndarray], resize_size: int = 256, crop_size: int = 224
+) -> torch.Tensor:
+    """torchvision's own eval preset applied to the photos: float NCHW."""
+    from torchvision.transforms._presets import ImageClassification
+
+    preset = ImageClassification(crop_size=crop_size, resize_size=resize_size)
+    return torch.stack([preset(torch.from_numpy(p).permute(2, 0, 1)) for p in photos])
+
+
+def calibrated_random_weights_(
+    model: torch.nn.Module, images_nchw: torch.Tensor, seed: int = 0
+) -> torch.nn.Module:
+    """Randomize ``model`` and calibrate its BatchNorm statistics on the images and their mirrors."""
+    randomize_weights_(model, seed)
+    mirrored = torch.flip(images_nchw, dims=[3])
+    return calibrate_batchnorm_(model, [torch.cat([images_nchw, mirrored])])

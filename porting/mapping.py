@@ -1,0 +1,207 @@
+"""Declarative, strict weight mapping between torch state_dicts and NNX variables.
+
+A mapping is a list of :class:`Rule` (a regular expression over torch keys, a target path
+template and a layout transform). Loading is strict in both directions:
+
+* every torch tensor must match a rule, land on an existing variable with the right shape, and
+  be used once;
+* every variable of the model (parameters and BatchNorm statistics) must be filled.
+
+Errors name the torch key, the JAX path and both shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Path = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A layout change torch -> JAX and its inverse, both on numpy arrays."""
+
+    name: str
+    to_jax: Callable[[np.ndarray], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transform("identity", lambda a: a, lambda a: a)
+# Conv2d weight (out, in/groups, kh, kw) <-> (kh, kw, in/groups, out); depthwise (C,1,k,k) -> (k,k,1,C).
+CONV_OIHW_TO_HWIO = Transform(
+    "conv OIHW->HWIO", lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1)
+)
+# Linear weight (out, in) <-> (in, out).
+LINEAR_TRANSPOSE = Transform("linear (out,in)->(in,out)", lambda a: a.T, lambda a: a.T)
+# torch stores num_batches_tracked as int64; JAX keeps int32 unless x64 is enabled.
+COUNTER = Transform("int64 counter", lambda a: a.astype(np.int32), lambda a: a.astype(np.int64))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """``pattern`` (full match on a torch key) -> ``target`` (``re`` template, dots between parts)."""
+
+    pattern: str
+    target: str
+    transform: Transform = IDENTITY
+
+    def match(self, key: str) -> str | None:
+        m = re.fullmatch(self.pattern, key)
+        return m.expand(self.target) if m else None
+
+
+def batchnorm_rules(prefix: str, jax_prefix: str) -> list[Rule]:
+    """torch BatchNorm2d at ``prefix`` (regex) -> mbv3_jax BatchNorm at ``jax_prefix``."""
+    return [
+        Rule(rf"{prefix}\.weight", rf"{jax_prefix}.scale"),
+        Rule(rf"{prefix}\.bias", rf"{jax_prefix}.bias"),
+        Rule(rf"{prefix}\.running_mean", rf"{jax_prefix}.mean"),
+        Rule(rf"{prefix}\.running_var", rf"{jax_prefix}.var"),
+        Rule(rf"{prefix}\.num_batches_tracked", rf"{jax_prefix}.num_batches_tracked", COUNTER),
+    ]
+
+
+class WeightMappingError(ValueError):
+    """A checkpoint that does not fit the model; the message lists every problem found."""
+
+
+def parse_path(dotted: str) -> Path:
+    return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
+
+
+def format_path(path: Path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def model_variables(model: nnx.Module) -> dict[Path, nnx.Variable]:
+    """Every checkpointed variable of ``model`` (parameters and BatchNorm statistics) by path."""
+    return {
+        tuple(path): var for path, var in nnx.iter_graph(model) if isinstance(var, (nnx.Param, nnx.BatchStat))
+    }
+
+
+def _resolve(key: str, rules: Iterable[Rule]) -> tuple[Rule, Path] | None:
+    for rule in rules:
+        target = rule.match(key)
+        if target is not None:
+            return rule, parse_path(target)
+    return None
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch here
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _raise(problems: list[str], context: str) -> None:
+    shown = problems[:20]
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise WeightMappingError(f"{context}:\n  " + "\n  ".join(shown) + more)
+
+
+def convert_to_jax(
+    tensors: Mapping[str, Any],
+    model: nnx.Module,
+    rules: list[Rule],
+    *,
+    strict: bool = True,
+    context: str = "checkpoint does not fit the model",
+) -> dict[Path, np.ndarray]:
+    """Map torch-named tensors to ``{jax_path: array}`` in JAX layout, checking against ``model``.
+
+    With ``strict`` every model variable must be filled; without it (e.g. for gradients, which
+    exist only for parameters) only the given tensors are checked.
+    """
+    variables = model_variables(model)
+    out: dict[Path, np.ndarray] = {}
+    source: dict[Path, str] = {}
+    problems: list[str] = []
+    for key, value in tensors.items():
+        resolved = _resolve(key, rules)
+        if resolved is None:
+            problems.append(f"unexpected key {key!r}: no mapping rule matches it")
+            continue
+        rule, path = resolved
+        var = variables.get(path)
+        if var is None:
+            problems.append(f"key {key!r} maps to {format_path(path)}, which this model does not have")
+            continue
+        if path in out:
+            problems.append(f"key {key!r} and key {source[path]!r} both map to {format_path(path)}")
+            continue
+        array = _to_numpy(value)
+        converted = rule.transform.to_jax(array)
+        if tuple(converted.shape) != tuple(var.shape):
+            problems.append(
+                f"shape mismatch for key {key!r}: checkpoint {tuple(array.shape)} "
+                f"(-> {tuple(converted.shape)} after {rule.transform.name}), "
+                f"model {format_path(path)} expects {tuple(var.shape)}"
+            )
+            continue
+        out[path] = converted
+        source[path] = key
+    if strict:
+        for path in variables.keys() - out.keys():
+            problems.append(
+                f"missing: model variable {format_path(path)} {tuple(variables[path].shape)} "
+                "is not in the checkpoint"
+            )
+    if problems:
+        _raise(problems, context)
+    return out
+
+
+def load_into(model: nnx.Module, arrays: Mapping[Path, np.ndarray]) -> None:
+    """Write converted arrays into the model's variables, keeping each variable's dtype."""
+    variables = model_variables(model)
+    for path, array in arrays.items():
+        var = variables[path]
+        # Copy: on CPU jnp.asarray may alias the numpy buffer, which may alias a torch tensor
+        # that torch later updates in place (BatchNorm running stats in train mode).
+        var.set_value(jnp.array(array, dtype=var.dtype, copy=True))
+
+
+def convert_to_torch(
+    model: nnx.Module,
+    torch_shapes: Mapping[str, tuple[int, ...]],
+    rules: list[Rule],
+    *,
+    context: str = "model does not fit the torchvision architecture",
+) -> dict[str, np.ndarray]:
+    """The model's variables as ``{torch_key: array}`` in torch layout, for exactly these keys."""
+    variables = model_variables(model)
+    out: dict[str, np.ndarray] = {}
+    used: set[Path] = set()
+    problems: list[str] = []
+    for key, shape in torch_shapes.items():
+        resolved = _resolve(key, rules)
+        if resolved is None:
+            problems.append(f"torch key {key!r}: no mapping rule matches it")
+            continue
+        rule, path = resolved
+        var = variables.get(path)
+        if var is None:
+            problems.append(f"torch key {key!r} needs {format_path(path)}, which this model does not have")
+            continue
+        array = rule.transform.to_torch(np.asarray(var.get_value()))
+        if tuple(array.shape) != tuple(shape):
+            problems.append(
+                f"shape mismatch for key {key!r}: torchvision expects {tuple(shape)}, "
+                f"model {format_path(path)} {tuple(var.shape)} gives {tuple(array.shape)}"
+            )
+            continue
+        out[key] = array
+        used.add(path)
+    for path in variables.keys() - used:
+        problems.append(f"model variable {format_path(path)} has no torch key")
+    if problems:
+        _raise(problems, context)
+    return out

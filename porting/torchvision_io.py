@@ -1,0 +1,200 @@
+"""torchvision checkpoints <-> mbv3_jax models.
+
+``load_torchvision(name, weights, **kwargs)`` accepts a ``.pth`` path (a state_dict, or a training
+checkpoint holding one under "model" as torchvision's reference scripts save it), an in-memory
+state_dict, or a torchvision weights name ("IMAGENET1K_V1", "DEFAULT",
+"MobileNet_V3_Large_Weights.IMAGENET1K_V2", or the enum itself) resolved through torchvision's
+weights API and torch's hub cache. Files are read with ``torch.load(weights_only=True)``: a
+checkpoint never executes code.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from flax import nnx
+
+import mbv3_jax.models as jax_models
+from porting.mapping import WeightMappingError, convert_to_jax, convert_to_torch, load_into
+from porting.rules import rules_for
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or object that cannot be read as a torchvision state_dict."""
+
+
+# ------------------------------------------------------------------------------------------------
+# torchvision side
+
+
+def build_torchvision_model(architecture: Mapping[str, Any]) -> torch.nn.Module:
+    """The torchvision model (random init, train mode) for an mbv3_jax ``model.architecture``."""
+    builder, kwargs = architecture["builder"], dict(architecture["kwargs"])
+    kwargs.pop("dtype", None)
+    if builder == "MobileNetV3":
+        from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3
+
+        table = []
+        for row in kwargs.pop("inverted_residual_setting"):
+            cfg = InvertedResidualConfig(
+                row["input_channels"],
+                row["kernel"],
+                row["expanded_channels"],
+                row["out_channels"],
+                row["use_se"],
+                row["activation"],
+                row["stride"],
+                row["dilation"],
+                width_mult=1.0,
+            )
+            # mbv3_jax stores final channel counts; don't let torchvision round them again.
+            cfg.input_channels = row["input_channels"]
+            cfg.expanded_channels = row["expanded_channels"]
+            cfg.out_channels = row["out_channels"]
+            table.append(cfg)
+        return MobileNetV3(table, **kwargs)
+    return torchvision.models.get_model(builder, weights=None, **kwargs)
+
+
+def _weights_enum(name: str, weights: Any) -> torchvision.models.WeightsEnum | None:
+    """Resolve a weights name or enum for model ``name``; None if ``weights`` is not a name."""
+    if isinstance(weights, torchvision.models.WeightsEnum):
+        return weights
+    if not isinstance(weights, str) or os.path.exists(weights) or weights.endswith((".pth", ".pt")):
+        return None
+    enum_cls = torchvision.models.get_model_weights(name)
+    member = weights.split(".")[-1]
+    if "." in weights and weights.split(".")[0] != enum_cls.__name__:
+        raise ValueError(f"weights {weights!r} are not weights of {name} ({enum_cls.__name__})")
+    try:
+        return enum_cls[member]
+    except KeyError:
+        raise ValueError(
+            f"{weights!r} is neither a file nor a weights name of {name}; "
+            f"known: {', '.join(['DEFAULT', *enum_cls.__members__])}"
+        ) from None
+
+
+def hub_cache_file(weights: torchvision.models.WeightsEnum) -> Path:
+    """Where torch's hub keeps the file for ``weights`` (TORCH_HOME/hub/checkpoints/<name>)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def read_checkpoint(path: str | os.PathLike, checkpoint_key: str = "model") -> dict[str, torch.Tensor]:
+    """A state_dict from a ``.pth`` file, safely (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle with code, not a torch file, ...
+        raise CheckpointError(
+            f"could not read {path} as a torch checkpoint (truncated, corrupt, or it needs code to be "
+            f"executed, which weights_only=True refuses): {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from e
+    return state_dict_from(obj, checkpoint_key, source=str(path))
+
+
+def state_dict_from(obj: Any, checkpoint_key: str = "model", source: str = "checkpoint") -> dict[str, Any]:
+    """Accept a state_dict or a training checkpoint dict holding one under ``checkpoint_key``."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{source}: expected a state_dict (a mapping of tensors), got {type(obj).__name__}"
+        )
+    if checkpoint_key in obj and isinstance(obj[checkpoint_key], Mapping):
+        obj = obj[checkpoint_key]
+    bad = [k for k, v in obj.items() if not (hasattr(v, "shape") and hasattr(v, "dtype"))]
+    if bad:
+        raise CheckpointError(
+            f"{source}: entries {bad[:5]} are not tensors; a training checkpoint should hold the "
+            f"state_dict under {checkpoint_key!r} (keys found: {list(obj)[:8]})"
+        )
+    keys = list(obj)
+    # Saved from a DistributedDataParallel wrapper: strip its "module." prefix.
+    if keys and all(k.startswith("module.") for k in keys):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def resolve_weights(
+    name: str, weights: Any, checkpoint_key: str = "model", progress: bool = True
+) -> tuple[dict[str, Any], torchvision.models.WeightsEnum | None, str]:
+    """(state_dict, weights enum or None, description of the source) for any accepted ``weights``."""
+    if isinstance(weights, Mapping):
+        return state_dict_from(weights, checkpoint_key, "state_dict"), None, "in-memory state_dict"
+    enum = _weights_enum(name, weights)
+    if enum is None:
+        if not isinstance(weights, (str, os.PathLike)):
+            raise TypeError(
+                f"weights must be a path, a state_dict or a weights name, got {type(weights).__name__}"
+            )
+        return read_checkpoint(weights, checkpoint_key), None, str(weights)
+    cached = hub_cache_file(enum)
+    if not cached.is_file():
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(enum.url, str(cached), progress=progress)
+        except Exception as e:
+            raise FileNotFoundError(
+                f"{enum} is not in the torch hub cache and could not be downloaded ({type(e).__name__}). "
+                f"Offline, put the file from {enum.url} at {cached}"
+            ) from e
+    return read_checkpoint(cached, checkpoint_key), enum, f"{enum} ({cached})"
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _describe(name: str, kwargs: Mapping[str, Any]) -> str:
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+
+
+def load_torchvision(
+    name: str, weights: Any, *, checkpoint_key: str = "model", progress: bool = True, **kwargs: Any
+) -> nnx.Module:
+    """Build ``name`` with torchvision's keyword arguments and load torchvision ``weights`` into it.
+
+    Returns the NNX model in eval mode. The mapping is strict: any unexpected, missing or
+    mis-shaped tensor raises :class:`porting.mapping.WeightMappingError` naming it.
+    """
+    state_dict, enum, source = resolve_weights(name, weights, checkpoint_key, progress)
+    if enum is not None and "categories" in enum.meta:
+        n = len(enum.meta["categories"])
+        if kwargs.setdefault("num_classes", n) != n:
+            raise ValueError(f"{enum} has {n} classes, but num_classes={kwargs['num_classes']} was asked")
+    model = jax_models.get_model(name, **kwargs)
+    arrays = convert_to_jax(
+        state_dict,
+        model,
+        rules_for(model.architecture["builder"]),
+        context=f"{source} does not fit {_describe(name, kwargs)} "
+        "(a checkpoint of another model or configuration?)",
+    )
+    load_into(model, arrays)
+    model.eval()
+    return model
+
+
+def to_torchvision(model: nnx.Module) -> collections.OrderedDict[str, torch.Tensor]:
+    """The model's weights as a torchvision state_dict (loads with ``strict=True``; checked here)."""
+    architecture = model.architecture
+    tv_model = build_torchvision_model(architecture)
+    reference = tv_model.state_dict()
+    arrays = convert_to_torch(
+        model, {k: tuple(v.shape) for k, v in reference.items()}, rules_for(architecture["builder"])
+    )
+    state_dict = collections.OrderedDict(
+        (k, torch.from_numpy(arrays[k].copy()).to(reference[k].dtype)) for k in reference
+    )
+    try:
+        tv_model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:  # would be a bug in the mapping tables
+        raise WeightMappingError(f"torchvision rejected the exported state_dict: {e}") from e
+    return state_dict

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with the test extra (torch, torchvision) and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/ruff check mbv3_jax porting train tests benchmarks
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,34 @@
+"""Shared fixtures: real photos, torchvision-preprocessed inputs, parity precision settings."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+# Parity is measured at full fp32 precision on every backend (GPU/TPU default to TF32/bf16 passes).
+jax.config.update("jax_default_matmul_precision", "highest")
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[np.ndarray]:
+    from porting.calibration import sample_photos
+
+    return sample_photos()
+
+
+@pytest.fixture(scope="session")
+def inputs_nchw(photos) -> torch.Tensor:
+    """The photos through torchvision's own eval preset (resize 256, crop 224), float NCHW."""
+    from porting.calibration import classification_inputs
+
+    return classification_inputs(photos)
+
+
+@pytest.fixture(scope="session")
+def inputs_nhwc(inputs_nchw) -> np.ndarray:
+    return np.ascontiguousarray(inputs_nchw.permute(0, 2, 3, 1).numpy())

@@ -1,0 +1,132 @@
+"""Bad input gets one clear error naming the problem: checkpoints, files, image batches."""
+
+import pickle
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from mbv3_jax.models import mobilenet_v3_small
+from porting import CheckpointError, WeightMappingError, load_torchvision, torchvision_io
+
+
+@pytest.fixture(scope="module")
+def small_state_dict():
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v3_small().state_dict()
+
+
+def test_checkpoint_of_another_model_names_key_and_shapes(small_state_dict):
+    with pytest.raises(WeightMappingError) as e:
+        load_torchvision("mobilenet_v3_large", small_state_dict)
+    msg = str(e.value)
+    assert "does not fit mobilenet_v3_large" in msg
+    assert "shape mismatch for key 'features.1.block.0.0.weight'" in msg or "shape mismatch for key" in msg
+    assert "expects" in msg and "checkpoint (" in msg
+
+
+def test_checkpoint_of_another_configuration(small_state_dict):
+    with pytest.raises(WeightMappingError, match=r"classifier\.3\.weight.*\(1000, 1024\).*\(1024, 10\)"):
+        load_torchvision("mobilenet_v3_small", small_state_dict, num_classes=10)
+
+
+def test_unknown_and_missing_keys(small_state_dict):
+    sd = dict(small_state_dict)
+    sd["features.99.weird"] = torch.zeros(3)
+    del sd["classifier.3.bias"]
+    with pytest.raises(WeightMappingError) as e:
+        load_torchvision("mobilenet_v3_small", sd)
+    msg = str(e.value)
+    assert "unexpected key 'features.99.weird'" in msg
+    assert "missing: model variable classifier_out.bias (1000,)" in msg
+
+
+def test_truncated_file(tmp_path, small_state_dict):
+    path = tmp_path / "small.pth"
+    torch.save(small_state_dict, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="small.pth.*truncated"):
+        load_torchvision("mobilenet_v3_small", str(path))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoint_that_executes_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Payload()}, f)
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        load_torchvision("mobilenet_v3_small", str(path))
+
+
+def test_training_checkpoint_and_ddp_prefix(tmp_path, small_state_dict):
+    path = tmp_path / "checkpoint.pth"
+    ddp = {f"module.{k}": v for k, v in small_state_dict.items()}
+    torch.save({"model": ddp, "epoch": 3, "optimizer": {"state": {}}}, path)
+    model = load_torchvision("mobilenet_v3_small", str(path))
+    np.testing.assert_array_equal(
+        np.asarray(model.classifier_out.bias[...]), small_state_dict["classifier.3.bias"].numpy()
+    )
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_torchvision("mobilenet_v3_small", "nope.pth")
+
+
+def test_weights_name_offline_names_the_cache_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, dst, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(FileNotFoundError) as e:
+        load_torchvision("mobilenet_v3_small", "IMAGENET1K_V1")
+    expected = tmp_path / "hub" / "checkpoints" / "mobilenet_v3_small-047dcff4.pth"
+    assert str(expected) in str(e.value)
+    assert "https://download.pytorch.org/models/mobilenet_v3_small-047dcff4.pth" in str(e.value)
+
+
+def test_weights_name_from_hub_cache(tmp_path, monkeypatch, small_state_dict):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    enum = torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+    cached = torchvision_io.hub_cache_file(enum)
+    cached.parent.mkdir(parents=True)
+    torch.save(small_state_dict, cached)
+    for weights in ("IMAGENET1K_V1", "DEFAULT", "MobileNet_V3_Small_Weights.IMAGENET1K_V1", enum):
+        model = load_torchvision("mobilenet_v3_small", weights)
+        assert model.num_classes == 1000
+    with pytest.raises(ValueError, match="IMAGENET1K_V9.*known: DEFAULT, IMAGENET1K_V1"):
+        load_torchvision("mobilenet_v3_small", "IMAGENET1K_V9")
+    with pytest.raises(ValueError, match="has 1000 classes"):
+        load_torchvision("mobilenet_v3_small", "IMAGENET1K_V1", num_classes=10)
+
+
+@pytest.mark.parametrize(
+    "x,error,pattern",
+    [
+        (np.zeros((2, 3, 64, 64), np.float32), ValueError, "looks like NCHW"),
+        (np.zeros((2, 64, 64, 3), np.uint8), TypeError, "dtype uint8"),
+        (np.zeros((64, 64, 3), np.float32), ValueError, r"got shape \(64, 64, 3\)"),
+        ([1.0, 2.0], TypeError, "got list"),
+    ],
+)
+def test_bad_image_batches(x, error, pattern):
+    model = mobilenet_v3_small(num_classes=10)
+    with pytest.raises(error, match=pattern):
+        model(x)
+    with pytest.raises(error, match=pattern):
+        model.extract_features(x, [1])
+
+
+def test_bad_stages():
+    model = mobilenet_v3_small(num_classes=10)
+    with pytest.raises(ValueError, match=r"stages must be in \[0, 12\]"):
+        model.extract_features(jnp.zeros((1, 32, 32, 3)), [13])

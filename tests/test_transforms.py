@@ -1,0 +1,347 @@
+"""Parity of mbv3_jax.transforms (numpy) with torchvision's eval presets and torch's resize kernel.
+
+The presets round an antialiased float32 resize to uint8, so the numpy resize must equal torch's
+bitwise; these tests compare exactly (0 differing values), not just within a tolerance.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+skdata = pytest.importorskip("skimage.data")
+
+import torch.nn.functional as Fnn  # noqa: E402
+import torchvision.transforms.functional as TF  # noqa: E402
+from torchvision.models import get_model_weights  # noqa: E402
+from torchvision.transforms._presets import ImageClassification, SemanticSegmentation  # noqa: E402
+
+from mbv3_jax import transforms as T  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = [
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "colorwheel",
+]
+CAPABILITY = torch.backends.cpu.get_cpu_capability()
+KERNEL = {"AVX2": "avx2", "DEFAULT": "default"}.get(CAPABILITY)
+needs_kernel = pytest.mark.skipif(
+    KERNEL is None, reason=f"torch CPU capability {CAPABILITY} is not one of the replayed kernels {T.KERNELS}"
+)
+
+
+def _photo(name: str) -> np.ndarray:
+    return getattr(skdata, name)()
+
+
+def _tv_weights(key: str):
+    builder, weights = key.split(".")
+    return get_model_weights(builder)[weights]
+
+
+def _to_chw(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()
+
+
+def _to_hwc(t: torch.Tensor) -> np.ndarray:
+    return t.permute(1, 2, 0).contiguous().numpy()
+
+
+def _assert_same(mine: np.ndarray, ref: np.ndarray) -> None:
+    assert mine.dtype == np.float32 and mine.shape == ref.shape
+    diff = np.abs(mine - ref)
+    assert diff.max() <= 1e-5, f"max abs diff {diff.max()}, {(diff > 1e-5).sum()} values off"
+    assert np.array_equal(mine, ref), f"{(mine != ref).sum()} values not bitwise equal (max {diff.max()})"
+
+
+# ------------------------------------------------------------------------------------------------------
+# presets on real photos
+# ------------------------------------------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize("key", sorted(T.EVAL_PRESETS))
+def test_preset_matches_torchvision_weights_transforms(key: str) -> None:
+    """Each named preset equals ``weights.transforms()`` of the torchvision checkpoint."""
+    ref_tf = _tv_weights(key).transforms()
+    preset = T.EVAL_PRESETS[key]
+    if isinstance(ref_tf, ImageClassification):
+        assert preset == T.ClassificationPreset(ref_tf.crop_size[0], ref_tf.resize_size[0])
+    else:
+        assert isinstance(ref_tf, SemanticSegmentation)
+        assert preset == T.SegmentationPreset(ref_tf.resize_size[0])
+    img = _photo("chelsea")
+    _assert_same(preset(img), _to_hwc(ref_tf(_to_chw(img))))
+
+
+@needs_kernel
+@pytest.mark.parametrize("photo", PHOTOS)
+def test_presets_match_torchvision_on_photos(photo: str) -> None:
+    """Classification (resize 256 and 232, crop 224) and segmentation (resize 520) presets, bitwise.
+
+    The rounding-sensitive step is the uint8 resize; on failure the message counts its differing values.
+    """
+    img = _photo(photo)
+    x = _to_chw(img)
+    presets = [
+        (
+            256,
+            ImageClassification(crop_size=224, resize_size=256),
+            T.classification_preset(256, 224, kernel=KERNEL),
+        ),
+        (
+            232,
+            ImageClassification(crop_size=224, resize_size=232),
+            T.classification_preset(232, 224, kernel=KERNEL),
+        ),
+        (520, SemanticSegmentation(resize_size=520), T.segmentation_preset(520, kernel=KERNEL)),
+    ]
+    for size, ref_tf, mine_tf in presets:
+        ref, mine = _to_hwc(ref_tf(x)), mine_tf(img)
+        if not np.array_equal(mine, ref):
+            ref_u8 = _to_hwc(TF.resize(x, [size], antialias=True))
+            n_u8 = int((T.resize_uint8(img, size, kernel=KERNEL) != ref_u8).sum())
+            pytest.fail(
+                f"{photo} resize {size}: {n_u8} uint8 values differ after resize; "
+                f"max abs diff {np.abs(mine - ref).max()}"
+            )
+
+
+# ------------------------------------------------------------------------------------------------------
+# synthetic edge cases
+# ------------------------------------------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 3), (5, 7, 3), (223, 224, 3), (256, 256, 3), (20, 500, 3), (500, 20, 3), (257, 1000, 3)],
+    ids=str,
+)
+def test_classification_edge_shapes(shape: tuple[int, int, int]) -> None:
+    """Tiny (upsampled past the crop), exact-size (no resize), thin and wide images."""
+    rng = np.random.default_rng(sum(shape))
+    img = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    ref = _to_hwc(ImageClassification(crop_size=224)(_to_chw(img)))
+    _assert_same(T.classification_preset(kernel=KERNEL)(img), ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("resize_size,crop_size", [(200, 224), (201, 224), (224, 224)])
+def test_center_crop_pads_when_crop_exceeds_resize(resize_size: int, crop_size: int) -> None:
+    """crop > resized image: torchvision zero-pads (uint8 0) before cropping; odd padding splits."""
+    rng = np.random.default_rng(resize_size)
+    img = rng.integers(0, 256, size=(300, 211, 3), dtype=np.uint8)
+    ref = _to_hwc(ImageClassification(crop_size=crop_size, resize_size=resize_size)(_to_chw(img)))
+    _assert_same(T.classification_preset(resize_size, crop_size, kernel=KERNEL)(img), ref)
+
+
+@pytest.mark.parametrize("h,w", [(10, 7), (7, 10), (300, 300), (31, 1000)])
+@pytest.mark.parametrize("crop", [(5, 5), (12, 9), (40, 3), (1, 1)])
+def test_center_crop_matches_torchvision(h: int, w: int, crop: tuple[int, int]) -> None:
+    img = np.arange(h * w * 3, dtype=np.int64).reshape(h, w, 3).astype(np.uint8)
+    ref = _to_hwc(TF.center_crop(_to_chw(img), list(crop)))
+    np.testing.assert_array_equal(T.center_crop(img, *crop), ref)
+
+
+def test_resized_output_size_matches_torchvision() -> None:
+    from torchvision.transforms.functional import _compute_resized_output_size
+
+    for h, w in [(1, 1), (20, 500), (500, 20), (427, 640), (999, 1000), (1000, 3), (333, 334)]:
+        for size in (1, 224, 232, 256, 520):
+            for max_size in (None, size + 1, 1000):
+                assert T.resized_output_size(h, w, size, max_size) == tuple(
+                    _compute_resized_output_size((h, w), [size], max_size)
+                ), (h, w, size, max_size)
+    with pytest.raises(ValueError, match="max_size"):
+        T.resized_output_size(10, 20, 256, max_size=256)
+
+
+@needs_kernel
+def test_resize_uint8_max_size() -> None:
+    img = _photo("rocket")
+    ref = _to_hwc(TF.resize(_to_chw(img), [256], max_size=300, antialias=True))
+    np.testing.assert_array_equal(T.resize_uint8(img, 256, max_size=300, kernel=KERNEL), ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize("gray", [skdata.camera(), skdata.camera()[:, :, None]], ids=["HW", "HW1"])
+def test_grayscale_is_replicated_to_rgb(gray: np.ndarray) -> None:
+    """Documented choice: grayscale == the preset applied to the image repeated over 3 channels."""
+    x = torch.from_numpy(np.ascontiguousarray(gray.reshape(gray.shape[:2])))[None].expand(3, -1, -1)
+    ref = _to_hwc(ImageClassification(crop_size=224)(x.contiguous()))
+    _assert_same(T.classification_preset(kernel=KERNEL)(gray), ref)
+
+
+def test_segmentation_without_resize() -> None:
+    img = _photo("chelsea")
+    ref = _to_hwc(SemanticSegmentation(resize_size=None)(_to_chw(img)))
+    _assert_same(T.segmentation_preset(None)(img), ref)
+
+
+def test_rejects_rgba_and_bad_shapes() -> None:
+    preset = T.classification_preset()
+    with pytest.raises(ValueError, match="alpha"):
+        preset(np.zeros((10, 10, 4), np.uint8))
+    with pytest.raises(ValueError, match="channels"):
+        preset(np.zeros((10, 10, 2), np.uint8))
+    with pytest.raises(ValueError, match="HWC"):
+        preset(np.zeros((2, 10, 10, 3), np.uint8))
+    with pytest.raises(ValueError, match="empty"):
+        preset(np.zeros((0, 10, 3), np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16, np.int64, np.bool_])
+def test_rejects_non_uint8_naming_dtype(dtype: type) -> None:
+    img = np.zeros((16, 16, 3), dtype=dtype)
+    with pytest.raises(TypeError, match=np.dtype(dtype).name):
+        T.classification_preset()(img)
+    with pytest.raises(TypeError, match=np.dtype(dtype).name):
+        T.segmentation_preset()(img)
+
+
+def test_resize_bilinear_antialias_rejects_bad_input() -> None:
+    with pytest.raises(TypeError, match="float64"):
+        T.resize_bilinear_antialias(np.zeros((4, 4, 3)), 2, 2)
+    with pytest.raises(ValueError, match="positive"):
+        T.resize_bilinear_antialias(np.zeros((4, 4, 3), np.float32), 0, 2)
+    with pytest.raises(ValueError, match="kernel"):
+        T.resize_bilinear_antialias(np.zeros((4, 4, 3), np.float32), 2, 3, kernel="avx512")
+    with pytest.raises(ValueError, match="kernel"):
+        T.classification_preset(kernel="avx512")
+
+
+# ------------------------------------------------------------------------------------------------------
+# the float32 resize itself, bitwise
+# ------------------------------------------------------------------------------------------------------
+
+
+def _torch_resize(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+    y = Fnn.interpolate(t, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=True)
+    return y[0].permute(1, 2, 0).contiguous().numpy()
+
+
+@needs_kernel
+def test_resize_bilinear_antialias_bitwise_random() -> None:
+    """Arbitrary float32 data (negative, non-integer, any scale) and sizes, up- and down-sampling."""
+    rng = np.random.default_rng(0)
+    cases = [(1, 1, 1, 1), (1, 5, 3, 2), (9, 9, 9, 4), (64, 64, 63, 65), (300, 13, 7, 300), (40, 700, 41, 33)]
+    cases += [tuple(int(v) for v in rng.integers(2, 300, 4)) for _ in range(12)]
+    for h, w, oh, ow in cases:
+        c = int(rng.integers(1, 5))
+        x = (rng.standard_normal((h, w, c)) * rng.choice([1e-3, 1.0, 1e4])).astype(np.float32)
+        mine = T.resize_bilinear_antialias(x, oh, ow, kernel=KERNEL)
+        ref = _torch_resize(x, oh, ow)
+        assert mine.shape == ref.shape and mine.dtype == np.float32
+        assert int((mine != ref).sum()) == 0, (h, w, oh, ow, c)
+    x2d = rng.random((37, 53), dtype=np.float32)
+    np.testing.assert_array_equal(
+        T.resize_bilinear_antialias(x2d, 20, 90, kernel=KERNEL),
+        _torch_resize(x2d[:, :, None], 20, 90)[:, :, 0],
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("h,w,oh", [(83, 244, 201), (83, 1, 40), (50, 3, 7)])
+def test_output_width_one_is_correct_not_torch(h: int, w: int, oh: int) -> None:
+    """torch's vertical pass is wrong when the output width is 1 (every row gets row 0's weights);
+    we return the correct resize, which is what torch computes for a 2-wide copy of the columns."""
+    x = np.random.default_rng(h).standard_normal((h, w, 3)).astype(np.float32)
+    horizontal = _torch_resize(x, h, 1)
+    ref = _torch_resize(np.repeat(horizontal, 2, axis=1), oh, 2)[:, :1]
+    np.testing.assert_array_equal(T.resize_bilinear_antialias(x, oh, 1, kernel=KERNEL), ref)
+    buggy = _torch_resize(x, oh, 1)
+    assert (buggy == buggy[:1]).all()  # documents the torch bug; if this fails, torch fixed it
+
+
+_OTHER_KERNEL_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, sys
+    import numpy as np, torch
+    import torch.nn.functional as Fnn
+    spec = importlib.util.spec_from_file_location("transforms_under_test", sys.argv[1])
+    T = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(T)  # by path: skips the package __init__ (jax), keeps this process light
+    assert torch.backends.cpu.get_cpu_capability() == "DEFAULT", torch.backends.cpu.get_cpu_capability()
+
+    def interp(x, oh, ow):  # x: float32 HWC
+        t = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
+        y = Fnn.interpolate(t, size=(oh, ow), mode="bilinear", align_corners=False, antialias=True)
+        return y[0].permute(1, 2, 0).numpy()
+
+    bad = 0
+    photos = np.load(sys.argv[2])
+    for name in photos.files:  # torchvision's uint8 resize: float32 interpolate, round, cast
+        img = photos[name]
+        for size in (232, 520):
+            oh, ow = T.resized_output_size(*img.shape[:2], size)
+            ref = np.round(interp(img.astype(np.float32), oh, ow)).astype(np.uint8)
+            bad += int((T.resize_uint8(img, size, kernel="default") != ref).sum())
+    rng = np.random.default_rng(1)
+    for h, w, oh, ow in [(50, 700, 20, 101), (333, 40, 700, 9), (5, 6, 223, 7)]:
+        x = rng.standard_normal((h, w, 2)).astype(np.float32)
+        bad += int((T.resize_bilinear_antialias(x, oh, ow, kernel="default") != interp(x, oh, ow)).sum())
+    print("BAD", bad)
+    """
+)
+
+
+@pytest.mark.skipif(CAPABILITY == "DEFAULT", reason="already covered in-process")
+def test_default_kernel_matches_torch_without_simd(tmp_path: Path) -> None:
+    """``kernel="default"`` replays torch run with ``ATEN_CPU_CAPABILITY=default`` (no FMA contraction)."""
+    photos = tmp_path / "photos.npz"
+    np.savez(photos, rocket=_photo("rocket"))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", _OTHER_KERNEL_SCRIPT, str(REPO / "mbv3_jax" / "transforms.py"), str(photos)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "BAD 0" in res.stdout, res.stdout
+
+
+# ------------------------------------------------------------------------------------------------------
+# batching
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_preprocess_batch_stacks_nhwc() -> None:
+    imgs = [_photo("chelsea"), _photo("colorwheel"), skdata.camera()]
+    key = "mobilenet_v3_large.IMAGENET1K_V2"
+    batch = T.preprocess_batch(imgs, key)
+    assert batch.shape == (3, 224, 224, 3) and batch.dtype == np.float32
+    for i, img in enumerate(imgs):
+        np.testing.assert_array_equal(batch[i], T.EVAL_PRESETS[key](img))
+    same = T.preprocess_batch([imgs[0], imgs[0]], T.segmentation_preset(100))
+    assert same.shape == (2, 100, 150, 3)
+    with pytest.raises(ValueError, match="different shapes"):
+        T.preprocess_batch(imgs[:2], T.segmentation_preset(100))
+    with pytest.raises(ValueError, match="no images"):
+        T.preprocess_batch([], key)
+    with pytest.raises(KeyError):
+        T.preprocess_batch(imgs, "resnet50.IMAGENET1K_V1")
+
+
+def test_module_imports_only_numpy_and_stdlib() -> None:
+    """mbv3_jax never imports torch; transforms is host-side numpy (no jax either)."""
+    tree = ast.parse((REPO / "mbv3_jax" / "transforms.py").read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            roots.add(node.module.split(".")[0])
+    assert roots <= {"__future__", "math", "collections", "dataclasses", "typing", "numpy"}, roots
