@@ -60,29 +60,44 @@ def bench(name: str, batch: int, rounds: int, channels_last: bool) -> dict[str, 
         jax_times.append(_time_per_call(run_jax, iters))
         torch_times.append(_time_per_call(run_torch, iters_t))
     j, t = statistics.median(jax_times), statistics.median(torch_times)
-    return dict(jax_ips=batch / j, torch_ips=batch / t, ratio=t / j, jax_ms=1e3 * j, torch_ms=1e3 * t,
-                compile_s=compile_s)
+    return dict(
+        jax_ips=batch / j,
+        torch_ips=batch / t,
+        ratio=t / j,
+        jax_ms=1e3 * j,
+        torch_ms=1e3 * t,
+        compile_s=compile_s,
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["mobilenet_v3_large", "mobilenet_v3_small"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--rounds", type=int, default=7, help="alternating timed blocks per system (median)")
     parser.add_argument("--channels-last", action="store_true", help="torchvision in channels_last instead")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}, "
-          f"torch layout {'channels_last' if args.channels_last else 'NCHW'}")
-    print(f"{'model':<20} {'batch':>5} {'JAX img/s':>10} {'torch img/s':>12} {'JAX/torch':>10} "
-          f"{'JAX ms':>8} {'torch ms':>9} {'compile s':>10}")
+    print(
+        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}, "
+        f"torch layout {'channels_last' if args.channels_last else 'NCHW'}"
+    )
+    print(
+        f"{'model':<20} {'batch':>5} {'JAX img/s':>10} {'torch img/s':>12} {'JAX/torch':>10} "
+        f"{'JAX ms':>8} {'torch ms':>9} {'compile s':>10}"
+    )
     for name in args.models:
         for batch in args.batches:
             r = bench(name, batch, args.rounds, args.channels_last)
-            print(f"{name:<20} {batch:>5} {r['jax_ips']:>10.1f} {r['torch_ips']:>12.1f} {r['ratio']:>9.2f}x "
-                  f"{r['jax_ms']:>8.2f} {r['torch_ms']:>9.2f} {r['compile_s']:>10.1f}", flush=True)
+            print(
+                f"{name:<20} {batch:>5} {r['jax_ips']:>10.1f} {r['torch_ips']:>12.1f} {r['ratio']:>9.2f}x "
+                f"{r['jax_ms']:>8.2f} {r['torch_ms']:>9.2f} {r['compile_s']:>10.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

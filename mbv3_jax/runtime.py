@@ -8,9 +8,12 @@ than the batch-1 forward itself. So per model we cache, keyed by a cheap structu
 * the ordered list of ``nnx.Variable`` objects behind the state leaves,
 
 and each call reads the variables' current arrays and runs one module-level ``jax.jit`` function
-(one compiled program per graphdef, method and input shape). The signature is recomputed every
-call (~0.3 ms): replacing a submodule or a Variable, or changing a static attribute, selects a new
-entry, while in-place value updates (optimizer steps, ``nnx.update``) are read as they are.
+(one compiled program per graphdef, method and input shape). Replacing a submodule or a Variable,
+or changing a static attribute, selects a new entry, while in-place value updates (optimizer
+steps, ``nnx.update``) are read as they are. The signature walk costs ~1 ms, so when every node of
+the model is a :class:`Module` / :class:`List` / :class:`Dropout` from here (whose ``__setattr__``
+bumps a global structure version) it is skipped while nothing has been set anywhere since.
+In eval mode the compiled program returns only the outputs (no BatchNorm statistics to write back).
 Inside a user's own ``jax.jit`` / ``nnx.jit`` / ``jax.grad`` (inputs are tracers) the method runs
 inline instead.
 """
@@ -27,6 +30,35 @@ from flax import nnx
 from flax.nnx import pytreelib
 
 _MAX_ENTRIES_PER_MODEL = 8
+_structure_version = 0
+
+
+def _bump_structure_version() -> None:
+    global _structure_version
+    _structure_version += 1
+
+
+class _Tracked:
+    """Mixin: any attribute assignment (new submodule, eval()/train() flags) bumps the version."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _bump_structure_version()
+        super().__setattr__(name, value)
+
+
+class Module(_Tracked, nnx.Module):
+    """Base class of this library's modules."""
+
+
+class List(_Tracked, nnx.List):
+    """``nnx.List`` whose item assignment is tracked (it goes through ``setattr``)."""
+
+
+class Dropout(_Tracked, nnx.Dropout):
+    """``nnx.Dropout`` with tracked attributes (``rate``, ``deterministic``)."""
+
+
+_TRACKED_TYPES = (_Tracked, nnx.RngStream)
 
 
 def is_traced(*trees: Any) -> bool:
@@ -78,6 +110,22 @@ def _signature(node: Any) -> tuple:
     return tuple(out)
 
 
+class _StaticKey:
+    """(graphdef, treedefs) with a cached hash: hashing a MobileNetV3 graphdef costs ~1.7 ms, and
+    jax hashes static arguments on every call."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value: tuple):
+        self.value, self._hash = value, hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, _StaticKey) and self.value == other.value)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     graphdef: Any
@@ -85,6 +133,9 @@ class _Entry:
     param_treedef: Any
     other_vars: tuple[nnx.Variable, ...]
     other_treedef: Any
+    mutable: bool  # some BatchNorm uses batch statistics or some Dropout is active
+    tracked: bool  # every graph node tracks its attribute assignments
+    static_key: _StaticKey
 
 
 def _variables_in_leaf_order(model: nnx.Module, state: nnx.State) -> tuple[nnx.Variable, ...]:
@@ -102,21 +153,42 @@ def _variables_in_leaf_order(model: nnx.Module, state: nnx.State) -> tuple[nnx.V
     return tuple(variables)
 
 
+def is_frozen(model: nnx.Module) -> bool:
+    """True when no BatchNorm uses batch statistics and no Dropout is active (eval mode)."""
+    for _, node in nnx.iter_graph(model):
+        if (
+            getattr(node, "use_running_average", None) is False
+            or getattr(node, "deterministic", None) is False
+        ):
+            return False
+    return True
+
+
 def _build_entry(model: nnx.Module) -> _Entry:
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
+    nodes = [node for _, node in nnx.iter_graph(model) if _kind(node) == _NODE]
+    param_treedef, other_treedef = jax.tree.structure(params), jax.tree.structure(other)
     return _Entry(
         graphdef,
         _variables_in_leaf_order(model, params),
-        jax.tree.structure(params),
+        param_treedef,
         _variables_in_leaf_order(model, other),
-        jax.tree.structure(other),
+        other_treedef,
+        mutable=not is_frozen(model),
+        tracked=all(isinstance(node, _TRACKED_TYPES) for node in nodes),
+        static_key=_StaticKey((graphdef, param_treedef, other_treedef)),
     )
 
 
 _ENTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> (structure version, entry): valid while no tracked attribute was set anywhere.
+_LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _entry_for(model: nnx.Module) -> _Entry:
+    last = _LAST.get(model)
+    if last is not None and last[0] == _structure_version:
+        return last[1]
     sig = _signature(model)
     per_model = _ENTRIES.setdefault(model, {})
     entry = per_model.get(sig)
@@ -124,12 +196,16 @@ def _entry_for(model: nnx.Module) -> _Entry:
         if len(per_model) >= _MAX_ENTRIES_PER_MODEL:
             per_model.clear()
         entry = per_model[sig] = _build_entry(model)
+    if entry.tracked:
+        _LAST[model] = (_structure_version, entry)
+    else:
+        _LAST.pop(model, None)
     return entry
 
 
 @functools.partial(jax.jit, static_argnames=("entry_key", "method", "static_args"))
 def _run_method(param_leaves, other_leaves, args, *, entry_key, method: str, static_args: tuple):
-    graphdef, param_treedef, other_treedef = entry_key
+    graphdef, param_treedef, other_treedef = entry_key.value
     params = jax.tree.unflatten(param_treedef, param_leaves)
     other = jax.tree.unflatten(other_treedef, other_leaves)
     model = nnx.merge(graphdef, params, other)
@@ -137,6 +213,15 @@ def _run_method(param_leaves, other_leaves, args, *, entry_key, method: str, sta
     # BatchNorm statistics and RNG counters may have changed (train mode): return them.
     new_other = nnx.state(model, nnx.Not(nnx.Param))
     return out, jax.tree.leaves(new_other)
+
+
+@functools.partial(jax.jit, static_argnames=("entry_key", "method", "static_args"))
+def _run_method_frozen(param_leaves, other_leaves, args, *, entry_key, method: str, static_args: tuple):
+    """As _run_method for a model whose state cannot change (eval mode): outputs only."""
+    graphdef, param_treedef, other_treedef = entry_key.value
+    params = jax.tree.unflatten(param_treedef, param_leaves)
+    other = jax.tree.unflatten(other_treedef, other_leaves)
+    return getattr(nnx.merge(graphdef, params, other), method)(*args, *static_args)
 
 
 def call_compiled(model: nnx.Module, method: str, *args: Any, static_args: tuple = ()) -> Any:
@@ -151,14 +236,18 @@ def call_compiled(model: nnx.Module, method: str, *args: Any, static_args: tuple
     params = [v.get_raw_value() for v in entry.param_vars]
     if is_traced(params):  # e.g. nnx.grad over the model with concrete inputs
         return getattr(model, method)(*args, *static_args)
-    out, new_other = _run_method(
+    run = _run_method if entry.mutable else _run_method_frozen
+    result = run(
         params,
         [v.get_raw_value() for v in entry.other_vars],
         args,
-        entry_key=(entry.graphdef, entry.param_treedef, entry.other_treedef),
+        entry_key=entry.static_key,
         method=method,
         static_args=tuple(static_args),
     )
+    if not entry.mutable:
+        return result
+    out, new_other = result
     for var, value in zip(entry.other_vars, new_other, strict=True):
         var.set_raw_value(value)
     return out

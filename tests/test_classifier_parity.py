@@ -53,7 +53,11 @@ def calibrated_pair(name, kwargs, inputs_nchw):
 @pytest.mark.parametrize("name,kwargs", CONFIGS)
 def test_eval_parity(name, kwargs, inputs_nchw, inputs_nhwc):
     tv, model = calibrated_pair(name, kwargs, inputs_nchw)
+    if kwargs:
+        # Exercise the CPU eval micro-batching (8 photos -> 3 micro-batches of 3, one padded).
+        model.eval_micro_batch = 3
     report = run_parity(name, tv, model, inputs_nhwc)
+    model.eval_micro_batch = None
     logits = report.get("logits")
     # Calibrated weights give real logits, not the ~1e-10 of torchvision's default init.
     assert logits.ref_scale > 1.0

@@ -71,7 +71,7 @@ def test_call_inside_user_jit_and_grad():
         return m(x)
 
     np.testing.assert_allclose(np.asarray(f(model, x)), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
-    grads = nnx.grad(lambda m: jnp.sum(m(x)))(model)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x))))(model)
     assert np.isfinite(np.asarray(grads["classifier_out"]["kernel"][...])).all()
 
 

@@ -288,14 +288,46 @@ def small_mobilenet_v3() -> torch.nn.Module:
     return MobileNetV3(setting, last_channel=64, num_classes=10, dropout=0.0)
 
 
+def porter(tv_model: torch.nn.Module) -> Callable[[dict[str, Any]], dict[str, np.ndarray]]:
+    """Map torch-named tensors (parameters or gradients) to the mbv3_jax port's layout and paths."""
+    from mbv3_jax.models import BlockConfig, MobileNetV3
+    from porting.mapping import convert_to_jax, format_path
+    from porting.rules import MOBILENET_V3_CLASSIFIER_RULES
+
+    table = []
+    for block in tv_model.features[1:-1]:
+        convs = [m for m in block.block.modules() if isinstance(m, torch.nn.Conv2d)]
+        dw = next(c for c in convs if c.groups > 1)
+        table.append(
+            BlockConfig(
+                convs[0].in_channels,
+                dw.kernel_size[0],
+                dw.in_channels,
+                convs[-1].out_channels,
+                any(isinstance(m, torchvision.ops.SqueezeExcitation) for m in block.block.modules()),
+                "HS" if any(isinstance(m, torch.nn.Hardswish) for m in block.block.modules()) else "RE",
+                dw.stride[0],
+                dw.dilation[0],
+            )
+        )
+    jax_model = MobileNetV3(table, tv_model.classifier[0].out_features, tv_model.classifier[3].out_features)
+
+    def port(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
+        converted = convert_to_jax(tensors, jax_model, MOBILENET_V3_CLASSIFIER_RULES, strict=False)
+        return {format_path(path): array for path, array in converted.items()}
+
+    return port
+
+
 def run_torch_vs_optax(config: dict[str, Any], dtype: str, with_plain: bool) -> dict[str, float]:
     torch_dtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
     torch.manual_seed(0)
     model = small_mobilenet_v3().to(torch_dtype)
     model.train()
     named = dict(model.named_parameters())
-    # "ported" weights: the torch parameters as a plain pytree in torch's layout
-    initial = {n: p.detach().numpy().copy() for n, p in named.items()}
+    port = porter(model)
+    # Ported weights: torch parameters through porting's mapping, in JAX layout and JAX names.
+    initial = port({n: p.detach().numpy().copy() for n, p in named.items()})
 
     cfg = dict(config)
     use_mask = cfg.pop("mask")
@@ -350,14 +382,14 @@ def run_torch_vs_optax(config: dict[str, Any], dtype: str, with_plain: bool) -> 
         y = torch.randint(0, 10, (4,), generator=gen)
         topt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        grads = {n: jnp.asarray(p.grad.numpy()) for n, p in named.items()}
+        grads = jax.tree.map(jnp.asarray, port({n: p.grad.numpy() for n, p in named.items()}))
         topt.step()
         params, state = step(grads, params, state)
         if (t + 1) % STEPS_PER_EPOCH == 0:
             tsched.step()
     assert tsched.get_last_lr()[0] == lr * GAMMA ** (TORCH_STEPS // STEPS_PER_EPOCH // STEP_SIZE)
     assert all(p.dtype == np.dtype(dtype) for p in jax.tree.leaves(params))
-    final = {n: p.detach().numpy() for n, p in named.items()}
+    final = port({n: p.detach().numpy() for n, p in named.items()})
     errs = {"params": max_rel(params[0], final), "displacement": displacement_rel(params[0], final, initial)}
     if with_plain:
         errs["optax_rmsprop_displacement"] = displacement_rel(params[1], final, initial)

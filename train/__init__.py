@@ -1,0 +1,1 @@
+"""Training and evaluation of mbv3_jax models."""
