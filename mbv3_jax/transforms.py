@@ -354,6 +354,11 @@ def normalize_uint8(
 # --------------------------------------------------------------------------------------------------------
 
 
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
 @dataclass(frozen=True)
 class ClassificationPreset:
     """torchvision ``ImageClassification`` (bilinear, antialias=True): uint8 HWC -> float32 HWC."""
@@ -365,8 +370,7 @@ class ClassificationPreset:
     kernel: str = "avx2"
 
     def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        _check_kernel(self.kernel)
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
         x = as_rgb_uint8(img)
@@ -385,8 +389,7 @@ class SegmentationPreset:
     kernel: str = "avx2"
 
     def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        _check_kernel(self.kernel)
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
         x = as_rgb_uint8(img)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torchvision
 from flax import nnx
@@ -37,6 +38,7 @@ def build_torchvision_model(architecture: Mapping[str, Any]) -> torch.nn.Module:
     """The torchvision model (random init, train mode) for an mbv3_jax ``model.architecture``."""
     builder, kwargs = architecture["builder"], dict(architecture["kwargs"])
     kwargs.pop("dtype", None)
+    kwargs.pop("param_dtype", None)
     if builder == "MobileNetV3":
         from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3
 
@@ -190,8 +192,9 @@ def to_torchvision(model: nnx.Module) -> collections.OrderedDict[str, torch.Tens
     arrays = convert_to_torch(
         model, {k: tuple(v.shape) for k, v in reference.items()}, rules_for(architecture["builder"])
     )
+    # Cast on the numpy side: torch cannot take bfloat16 numpy arrays (a bf16-parameter model).
     state_dict = collections.OrderedDict(
-        (k, torch.from_numpy(arrays[k].copy()).to(reference[k].dtype)) for k in reference
+        (k, torch.from_numpy(np.array(arrays[k], dtype=v.numpy().dtype))) for k, v in reference.items()
     )
     try:
         tv_model.load_state_dict(state_dict, strict=True)

@@ -87,6 +87,15 @@ def test_bfloat16_compute():
     assert rel < 0.1, rel
 
 
+def test_bfloat16_parameters_save_and_export(tmp_path):
+    model = mobilenet_v3_small(num_classes=3, width_mult=0.5, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    loaded = mbv3_jax.load(mbv3_jax.save(model, tmp_path / "bf16"))
+    assert loaded.architecture["kwargs"]["param_dtype"] == "bfloat16"
+    assert loaded.features[0].conv.kernel[...].dtype == jnp.bfloat16
+    state_dict = to_torchvision(loaded)
+    assert state_dict["features.0.0.weight"].dtype == torch.float32
+
+
 def test_save_load_round_trip(tmp_path):
     model = mobilenet_v3_small(num_classes=5, width_mult=0.75)
     model.eval()

@@ -26,17 +26,10 @@ from torchvision.models import get_model_weights  # noqa: E402
 from torchvision.transforms._presets import ImageClassification, SemanticSegmentation  # noqa: E402
 
 from mbv3_jax import transforms as T  # noqa: E402
+from porting.calibration import PHOTO_NAMES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = [
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "colorwheel",
-]
+PHOTOS = list(PHOTO_NAMES)
 CAPABILITY = torch.backends.cpu.get_cpu_capability()
 KERNEL = {"AVX2": "avx2", "DEFAULT": "default"}.get(CAPABILITY)
 needs_kernel = pytest.mark.skipif(

@@ -42,8 +42,9 @@ def build_from_architecture(architecture: dict[str, Any]) -> nnx.Module:
     import jax.numpy as jnp
 
     builder, kwargs = architecture["builder"], dict(architecture["kwargs"])
-    if "dtype" in kwargs:
-        kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    for key in ("dtype", "param_dtype"):
+        if key in kwargs:
+            kwargs[key] = jnp.dtype(kwargs[key])
     if builder == "MobileNetV3":
         table = [BlockConfig(**row) for row in kwargs.pop("inverted_residual_setting")]
         return MobileNetV3(table, architecture=architecture, **kwargs)

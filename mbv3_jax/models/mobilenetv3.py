@@ -272,7 +272,7 @@ class MobileNetV3(Module):
                 },
             }
         # Kept as a JSON string: static, hashable, and what ``mbv3_jax.save`` records.
-        self.architecture_json = _dump_architecture(architecture, dtype)
+        self.architecture_json = _dump_architecture(architecture, dtype, param_dtype)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -348,54 +348,36 @@ class MobileNetV3(Module):
         return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:])[:n], out)
 
 
-def _dump_architecture(architecture: dict[str, Any], dtype: DType | None) -> str:
+def _dump_architecture(architecture: dict[str, Any], dtype: DType | None, param_dtype: DType) -> str:
     import json
 
     kwargs = dict(architecture["kwargs"])
     if dtype is not None:
         kwargs["dtype"] = np.dtype(dtype).name
+    if np.dtype(param_dtype) != np.float32:
+        kwargs["param_dtype"] = np.dtype(param_dtype).name
     return json.dumps({"builder": architecture["builder"], "kwargs": kwargs}, sort_keys=True)
 
 
-def _mobilenet_v3(
-    arch: str,
-    *,
-    weights: Any,
-    num_classes: int,
-    width_mult: float,
-    reduced_tail: bool,
-    dilated: bool,
-    dropout: float,
-    dtype: DType | None,
-    param_dtype: DType,
-    rngs: nnx.Rngs | None,
-    seed: int,
-) -> MobileNetV3:
+def _mobilenet_v3(arch: str, builder_args: dict[str, Any]) -> MobileNetV3:
+    args = dict(builder_args)
+    weights, dtype, param_dtype = args.pop("weights"), args.pop("dtype"), args.pop("param_dtype")
+    rngs, seed = args.pop("rngs"), args.pop("seed")
     if weights is not None:
         raise ValueError(
             f"{arch}(weights=...) needs torch: use porting.load_torchvision({arch!r}, {weights!r}) "
             "to convert torchvision weights, or mbv3_jax.load(directory) for a saved model"
         )
-    table, last_channel = mobilenet_v3_config(arch, width_mult, reduced_tail, dilated)
-    architecture = {
-        "builder": arch,
-        "kwargs": dict(
-            num_classes=num_classes,
-            width_mult=width_mult,
-            reduced_tail=reduced_tail,
-            dilated=dilated,
-            dropout=dropout,
-        ),
-    }
+    table, last_channel = mobilenet_v3_config(arch, args["width_mult"], args["reduced_tail"], args["dilated"])
     return MobileNetV3(
         table,
         last_channel,
-        num_classes,
-        dropout,
+        args["num_classes"],
+        args["dropout"],
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs if rngs is not None else nnx.Rngs(seed),
-        architecture=architecture,
+        architecture={"builder": arch, "kwargs": args},
     )
 
 
@@ -413,19 +395,7 @@ def mobilenet_v3_large(
     seed: int = 0,
 ) -> MobileNetV3:
     """MobileNetV3-Large with torchvision's arguments. ``dtype=jnp.bfloat16`` computes in bf16."""
-    return _mobilenet_v3(
-        "mobilenet_v3_large",
-        weights=weights,
-        num_classes=num_classes,
-        width_mult=width_mult,
-        reduced_tail=reduced_tail,
-        dilated=dilated,
-        dropout=dropout,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-        seed=seed,
-    )
+    return _mobilenet_v3("mobilenet_v3_large", locals())
 
 
 def mobilenet_v3_small(
@@ -442,16 +412,4 @@ def mobilenet_v3_small(
     seed: int = 0,
 ) -> MobileNetV3:
     """MobileNetV3-Small with torchvision's arguments. ``dtype=jnp.bfloat16`` computes in bf16."""
-    return _mobilenet_v3(
-        "mobilenet_v3_small",
-        weights=weights,
-        num_classes=num_classes,
-        width_mult=width_mult,
-        reduced_tail=reduced_tail,
-        dilated=dilated,
-        dropout=dropout,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-        seed=seed,
-    )
+    return _mobilenet_v3("mobilenet_v3_small", locals())
