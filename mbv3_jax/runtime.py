@@ -128,14 +128,11 @@ class _StaticKey:
 
 @dataclasses.dataclass(frozen=True)
 class _Entry:
-    graphdef: Any
     param_vars: tuple[nnx.Variable, ...]
-    param_treedef: Any
     other_vars: tuple[nnx.Variable, ...]
-    other_treedef: Any
     mutable: bool  # some BatchNorm uses batch statistics or some Dropout is active
     tracked: bool  # every graph node tracks its attribute assignments
-    static_key: _StaticKey
+    static_key: _StaticKey  # (graphdef, param treedef, other treedef)
 
 
 def _variables_in_leaf_order(model: nnx.Module, state: nnx.State) -> tuple[nnx.Variable, ...]:
@@ -167,16 +164,12 @@ def is_frozen(model: nnx.Module) -> bool:
 def _build_entry(model: nnx.Module) -> _Entry:
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
     nodes = [node for _, node in nnx.iter_graph(model) if _kind(node) == _NODE]
-    param_treedef, other_treedef = jax.tree.structure(params), jax.tree.structure(other)
     return _Entry(
-        graphdef,
         _variables_in_leaf_order(model, params),
-        param_treedef,
         _variables_in_leaf_order(model, other),
-        other_treedef,
         mutable=not is_frozen(model),
         tracked=all(isinstance(node, _TRACKED_TYPES) for node in nodes),
-        static_key=_StaticKey((graphdef, param_treedef, other_treedef)),
+        static_key=_StaticKey((graphdef, jax.tree.structure(params), jax.tree.structure(other))),
     )
 
 
@@ -203,12 +196,16 @@ def _entry_for(model: nnx.Module) -> _Entry:
     return entry
 
 
-@functools.partial(jax.jit, static_argnames=("entry_key", "method", "static_args"))
-def _run_method(param_leaves, other_leaves, args, *, entry_key, method: str, static_args: tuple):
+def _merge(entry_key: _StaticKey, param_leaves: list, other_leaves: list) -> nnx.Module:
     graphdef, param_treedef, other_treedef = entry_key.value
     params = jax.tree.unflatten(param_treedef, param_leaves)
     other = jax.tree.unflatten(other_treedef, other_leaves)
-    model = nnx.merge(graphdef, params, other)
+    return nnx.merge(graphdef, params, other)
+
+
+@functools.partial(jax.jit, static_argnames=("entry_key", "method", "static_args"))
+def _run_method(param_leaves, other_leaves, args, *, entry_key, method: str, static_args: tuple):
+    model = _merge(entry_key, param_leaves, other_leaves)
     out = getattr(model, method)(*args, *static_args)
     # BatchNorm statistics and RNG counters may have changed (train mode): return them.
     new_other = nnx.state(model, nnx.Not(nnx.Param))
@@ -218,10 +215,8 @@ def _run_method(param_leaves, other_leaves, args, *, entry_key, method: str, sta
 @functools.partial(jax.jit, static_argnames=("entry_key", "method", "static_args"))
 def _run_method_frozen(param_leaves, other_leaves, args, *, entry_key, method: str, static_args: tuple):
     """As _run_method for a model whose state cannot change (eval mode): outputs only."""
-    graphdef, param_treedef, other_treedef = entry_key.value
-    params = jax.tree.unflatten(param_treedef, param_leaves)
-    other = jax.tree.unflatten(other_treedef, other_leaves)
-    return getattr(nnx.merge(graphdef, params, other), method)(*args, *static_args)
+    model = _merge(entry_key, param_leaves, other_leaves)
+    return getattr(model, method)(*args, *static_args)
 
 
 def call_compiled(model: nnx.Module, method: str, *args: Any, static_args: tuple = ()) -> Any:

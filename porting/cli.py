@@ -54,18 +54,18 @@ def parity_for(
     eval_sizes: tuple[int, int] | None = None,
 ) -> tuple[ParityReport, float]:
     """(parity report, max |mbv3_jax preprocessing - torchvision preset|) for one model."""
+    enum = None
+    if weights is not None:
+        state_dict, enum, _ = resolve_weights(name, weights)
+    resize, crop = eval_sizes or _eval_sizes(enum)
+    inputs_nchw = classification_inputs(photos, resize, crop)
     if weights is None:
         tv = torchvision.models.get_model(name, **kwargs)
-        resize, crop = _eval_sizes(None)
-        calibrated_random_weights_(tv, classification_inputs(photos, resize, crop), seed=seed)
-        state_dict = tv.state_dict()
-    else:
-        state_dict, enum, _ = resolve_weights(name, weights)
-        resize, crop = eval_sizes or _eval_sizes(enum)
+        state_dict = calibrated_random_weights_(tv, inputs_nchw, seed=seed).state_dict()
     model = load_torchvision(name, state_dict, **kwargs)
     tv = build_torchvision_model(model.architecture)
     tv.load_state_dict(state_dict)
-    reference = classification_inputs(photos, resize, crop).permute(0, 2, 3, 1).numpy()
+    reference = inputs_nchw.permute(0, 2, 3, 1).numpy()
     ours = transforms.preprocess_batch(photos, transforms.classification_preset(resize, crop))
     preprocessing_error = float(np.max(np.abs(ours - reference)))
     report = run_parity(name, tv, model, reference, timing_repeats=timing_repeats)

@@ -147,7 +147,7 @@ def test_custom_block_table_round_trips_to_torchvision(tmp_path):
     tv = build_torchvision_model(model.architecture).eval()
     tv.load_state_dict(state_dict, strict=True)
     with torch.no_grad():
-        ref = tv(torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2)).numpy()
+        ref = tv(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)).numpy()
     assert np.max(np.abs(np.asarray(model(x)) - ref)) <= 5e-5 * np.max(np.abs(ref))
     with pytest.raises(ValueError, match="activation must be 'RE' or 'HS'"):
         BlockConfig(16, 3, 16, 16, True, "GELU", 1)

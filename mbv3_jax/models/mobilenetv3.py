@@ -7,6 +7,7 @@ that the weight mapping in ``porting`` stays a short declarative table.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -279,8 +280,6 @@ class MobileNetV3(Module):
     @property
     def architecture(self) -> dict[str, Any]:
         """How to rebuild this model: ``{"builder": name, "kwargs": {...}}`` (JSON-serialisable)."""
-        import json
-
         return json.loads(self.architecture_json)
 
     @property
@@ -349,8 +348,6 @@ class MobileNetV3(Module):
 
 
 def _dump_architecture(architecture: dict[str, Any], dtype: DType | None, param_dtype: DType) -> str:
-    import json
-
     kwargs = dict(architecture["kwargs"])
     if dtype is not None:
         kwargs["dtype"] = np.dtype(dtype).name
