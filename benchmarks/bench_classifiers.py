@@ -10,24 +10,15 @@ to both); the two systems alternate A, B, A, B ... and the script prints medians
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import torchvision
+from bench_common import alternate, print_environment
 
 from porting import load_torchvision
-
-
-def _time_per_call(fn, iters: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters
 
 
 def bench(name: str, batch: int, rounds: int, channels_last: bool) -> dict[str, float]:
@@ -48,25 +39,15 @@ def bench(name: str, batch: int, rounds: int, channels_last: bool) -> dict[str, 
         with torch.inference_mode():
             tv(x_torch)
 
-    t0 = time.perf_counter()
-    run_jax()
-    compile_s = time.perf_counter() - t0
-    run_torch()
-    # ~0.5 s of work per timed block, alternating the two systems.
-    iters = max(1, int(0.5 / max(_time_per_call(run_jax, 2), 1e-4)))
-    iters_t = max(1, int(0.5 / max(_time_per_call(run_torch, 2), 1e-4)))
-    jax_times, torch_times = [], []
-    for _ in range(rounds):
-        jax_times.append(_time_per_call(run_jax, iters))
-        torch_times.append(_time_per_call(run_torch, iters_t))
-    j, t = statistics.median(jax_times), statistics.median(torch_times)
+    r = alternate(run_jax, run_torch, rounds)
+    j, t = r["jax_s"], r["torch_s"]
     return dict(
         jax_ips=batch / j,
         torch_ips=batch / t,
         ratio=t / j,
         jax_ms=1e3 * j,
         torch_ms=1e3 * t,
-        compile_s=compile_s,
+        compile_s=r["compile_s"],
     )
 
 
@@ -79,13 +60,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="alternating timed blocks per system (median)")
     parser.add_argument("--channels-last", action="store_true", help="torchvision in channels_last instead")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    print(
-        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
-        f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}, "
-        f"torch layout {'channels_last' if args.channels_last else 'NCHW'}"
-    )
+    print_environment("channels_last" if args.channels_last else "NCHW")
     print(
         f"{'model':<20} {'batch':>5} {'JAX img/s':>10} {'torch img/s':>12} {'JAX/torch':>10} "
         f"{'JAX ms':>8} {'torch ms':>9} {'compile s':>10}"

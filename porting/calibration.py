@@ -97,10 +97,46 @@ def classification_inputs(
     return torch.stack([preset(torch.from_numpy(p).permute(2, 0, 1)) for p in photos])
 
 
+def segmentation_inputs(photos: Sequence[np.ndarray], resize_size: int | None = 520) -> list[torch.Tensor]:
+    """torchvision's ``SemanticSegmentation`` preset on each photo: one float NCHW tensor (N=1) each.
+
+    The shorter side goes to ``resize_size``, so the photos keep their different sizes.
+    """
+    from torchvision.transforms._presets import SemanticSegmentation
+
+    preset = SemanticSegmentation(resize_size=resize_size)
+    return [preset(torch.from_numpy(p).permute(2, 0, 1))[None] for p in photos]
+
+
+def resized_inputs(photos: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+    """Every photo resized (bilinear, antialias) to exactly ``size`` = (H, W) and normalized: NCHW."""
+    from torchvision.transforms import functional as F
+
+    from mbv3_jax.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    out = []
+    for p in photos:
+        x = F.resize(torch.from_numpy(p).permute(2, 0, 1), list(size), antialias=True)
+        out.append(F.normalize(x.float() / 255.0, IMAGENET_MEAN, IMAGENET_STD))
+    return torch.stack(out)
+
+
+def group_by_shape(images: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """Batch NCHW tensors of equal spatial size together: [(indices into images, batch), ...]."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(images):
+        groups.setdefault(tuple(x.shape[1:]), []).append(i)
+    return [(idx, torch.cat([images[i] for i in idx])) for idx in groups.values()]
+
+
 def calibrated_random_weights_(
-    model: torch.nn.Module, images_nchw: torch.Tensor, seed: int = 0
+    model: torch.nn.Module, images_nchw: torch.Tensor | Sequence[torch.Tensor], seed: int = 0
 ) -> torch.nn.Module:
-    """Randomize ``model`` and calibrate its BatchNorm statistics on the images and their mirrors."""
+    """Randomize ``model`` and calibrate its BatchNorm statistics on the images and their mirrors.
+
+    ``images_nchw`` is one batch or a list of batches (photos of different sizes); each batch is
+    calibrated together with its mirror image, so every batch has at least two samples.
+    """
     randomize_weights_(model, seed)
-    mirrored = torch.flip(images_nchw, dims=[3])
-    return calibrate_batchnorm_(model, [torch.cat([images_nchw, mirrored])])
+    batches = [images_nchw] if isinstance(images_nchw, torch.Tensor) else list(images_nchw)
+    return calibrate_batchnorm_(model, [torch.cat([b, torch.flip(b, dims=[3])]) for b in batches])

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torchvision
+import torch
 
 import mbv3_jax
 from mbv3_jax import transforms
 from mbv3_jax.models import list_models
-from porting.calibration import calibrated_random_weights_, classification_inputs, sample_photos
+from porting.calibration import (
+    PHOTO_NAMES,
+    calibrated_random_weights_,
+    classification_inputs,
+    group_by_shape,
+    sample_photos,
+    segmentation_inputs,
+)
 from porting.parity import ParityReport, format_table, run_parity
 from porting.torchvision_io import build_torchvision_model, load_torchvision, resolve_weights
 
@@ -43,6 +52,22 @@ def _eval_sizes(weights_enum: Any) -> tuple[int, int]:
     return 256, 224
 
 
+SEGMENTATION_MODELS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_mobilenet_v3_large")
+
+
+@dataclasses.dataclass
+class ParityRun:
+    """One model's parity report plus what the figures need."""
+
+    report: ParityReport
+    preprocessing_error: float  # max |mbv3_jax preprocessing - torchvision preset|
+    photo_order: list[int]  # photo index of each image, in the order of report.outputs' batches
+
+
+def _fresh_torchvision(name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    return build_torchvision_model(mbv3_jax.get_model(name, **kwargs).architecture)
+
+
 def parity_for(
     name: str,
     weights: Any,
@@ -52,24 +77,45 @@ def parity_for(
     seed: int = 0,
     timing_repeats: int = 5,
     eval_sizes: tuple[int, int] | None = None,
-) -> tuple[ParityReport, float]:
-    """(parity report, max |mbv3_jax preprocessing - torchvision preset|) for one model."""
+    stages: bool = True,
+    keep_outputs: bool = False,
+) -> ParityRun:
+    """Calibrate (without ``weights``), convert, and compare one model on the photos at its eval preset."""
     enum = None
     if weights is not None:
         state_dict, enum, _ = resolve_weights(name, weights)
-    resize, crop = eval_sizes or _eval_sizes(enum)
-    inputs_nchw = classification_inputs(photos, resize, crop)
+    if name in SEGMENTATION_MODELS:
+        resize = int(enum.transforms().resize_size[0]) if enum is not None else 520
+        groups = group_by_shape(segmentation_inputs(photos, resize))
+        order = [i for idx, _ in groups for i in idx]
+        inputs = [batch for _, batch in groups]
+        preset = transforms.segmentation_preset(resize)
+        references = [x[0].permute(1, 2, 0).numpy() for x in segmentation_inputs(photos, resize)]
+    else:
+        resize, crop = eval_sizes or _eval_sizes(enum)
+        inputs = classification_inputs(photos, resize, crop)
+        order = list(range(len(photos)))
+        preset = transforms.classification_preset(resize, crop)
+        references = list(inputs.permute(0, 2, 3, 1).numpy())
     if weights is None:
-        tv = torchvision.models.get_model(name, **kwargs)
-        state_dict = calibrated_random_weights_(tv, inputs_nchw, seed=seed).state_dict()
+        state_dict = calibrated_random_weights_(
+            _fresh_torchvision(name, kwargs), inputs, seed=seed
+        ).state_dict()
     model = load_torchvision(name, state_dict, **kwargs)
     tv = build_torchvision_model(model.architecture)
     tv.load_state_dict(state_dict)
-    reference = inputs_nchw.permute(0, 2, 3, 1).numpy()
-    ours = transforms.preprocess_batch(photos, transforms.classification_preset(resize, crop))
-    preprocessing_error = float(np.max(np.abs(ours - reference)))
-    report = run_parity(name, tv, model, reference, timing_repeats=timing_repeats)
-    return report, preprocessing_error
+    preprocessing_error = max(
+        float(np.max(np.abs(preset(p) - r))) for p, r in zip(photos, references, strict=True)
+    )
+    batches = (
+        [np.ascontiguousarray(b.permute(0, 2, 3, 1).numpy()) for b in inputs]
+        if isinstance(inputs, list)
+        else (np.ascontiguousarray(inputs.permute(0, 2, 3, 1).numpy()))
+    )
+    report = run_parity(
+        name, tv, model, batches, stages=stages, timing_repeats=timing_repeats, keep_outputs=keep_outputs
+    )
+    return ParityRun(report, preprocessing_error, order)
 
 
 def parity_main(argv: list[str] | None = None) -> int:
@@ -82,9 +128,25 @@ def parity_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", help="a .pth file or a torchvision weights name (applies to every NAME)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibrated random weights")
     parser.add_argument(
+        "--photos",
+        nargs="+",
+        choices=PHOTO_NAMES,
+        metavar="PHOTO",
+        help=f"scikit-image photos to use (default: all of {', '.join(PHOTO_NAMES)})",
+    )
+    parser.add_argument(
         "--repeats", type=int, default=5, help="timing repeats per model (median; 0: no timing)"
     )
-    parser.add_argument("--stages", action="store_true", help="also print the error of every feature stage")
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="print the error of every feature stage (segmentation models: also compare them)",
+    )
+    parser.add_argument(
+        "--save-figures",
+        metavar="DIR",
+        help="write a PNG per photo and model: segmentation masks (photo | torchvision | JAX | difference)",
+    )
     _add_builder_options(parser)
     args = parser.parse_args(argv)
     names = args.names or list_models()
@@ -95,19 +157,34 @@ def parity_main(argv: list[str] | None = None) -> int:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    photos = sample_photos()
+    photo_names = list(args.photos or PHOTO_NAMES)
+    photos = sample_photos(photo_names)
     reports = []
     for i, name in enumerate(names, 1):
         _log(f"[{i}/{len(names)}] {name}: building, calibrating, compiling, comparing ...")
-        report, pre_err = parity_for(
-            name, args.weights, _builder_kwargs(args), photos, seed=args.seed, timing_repeats=args.repeats
+        kwargs = _builder_kwargs(args)
+        if name in SEGMENTATION_MODELS:
+            kwargs = {k: v for k, v in kwargs.items() if k == "num_classes"}
+        run = parity_for(
+            name,
+            args.weights,
+            kwargs,
+            photos,
+            seed=args.seed,
+            timing_repeats=args.repeats,
+            stages=args.stages or name not in SEGMENTATION_MODELS,
+            keep_outputs=bool(args.save_figures),
         )
-        reports.append(report)
-        _log(f"    preprocessing (mbv3_jax.transforms vs torchvision preset): max abs diff {pre_err:.1e}")
+        reports.append(run.report)
+        _log(f"    preprocessing (mbv3_jax.transforms vs torchvision preset): {_pre(run)}")
+        if args.save_figures and name in SEGMENTATION_MODELS:
+            for path in _save_segmentation_figures(Path(args.save_figures), name, run, photos, photo_names):
+                _log(f"    wrote {path}")
     print(
-        f"{len(photos)} photos from scikit-image, fp32, matmul precision 'highest'; "
+        f"{len(photos)} photos from scikit-image at each model's eval preset, fp32, "
+        "matmul precision 'highest'; "
         f"{'weights ' + args.weights if args.weights else 'calibrated random weights'}; "
-        "errors relative to max|torchvision|, times are medians per batch"
+        "errors relative to max|torchvision|; times: medians per batch (segmentation: first photo size)"
     )
     print(format_table(reports))
     if args.stages:
@@ -116,6 +193,28 @@ def parity_main(argv: list[str] | None = None) -> int:
             for c in r.comparisons:
                 print(f"  {c.name:<14} {str(c.shape):<22} max abs {c.max_abs:.2e}  rel {c.relative:.1e}")
     return 0
+
+
+def _pre(run: ParityRun) -> str:
+    return f"max abs diff {run.preprocessing_error:.1e}"
+
+
+def _save_segmentation_figures(
+    directory: Path, name: str, run: ParityRun, photos: list[np.ndarray], photo_names: list[str]
+) -> list[Path]:
+    from porting.figures import segmentation_figure
+
+    directory.mkdir(parents=True, exist_ok=True)
+    masks = [(ref_b.argmax(-1), got_b.argmax(-1)) for ref_b, got_b in run.report.outputs]
+    flat = [(r, g) for ref_b, got_b in masks for r, g in zip(ref_b, got_b, strict=True)]
+    paths = []
+    for photo_index, (ref_mask, got_mask) in zip(run.photo_order, flat, strict=True):
+        path = directory / f"{name}_{photo_names[photo_index]}.png"
+        segmentation_figure(
+            photos[photo_index], ref_mask, got_mask, title=f"{name} on {photo_names[photo_index]}"
+        ).save(path)
+        paths.append(path)
+    return paths
 
 
 def port_main(argv: list[str] | None = None) -> int:
@@ -149,15 +248,16 @@ def port_main(argv: list[str] | None = None) -> int:
         import jax
 
         jax.config.update("jax_default_matmul_precision", "highest")
-        report, pre_err = parity_for(
-            args.name, state_dict, kwargs, sample_photos(), eval_sizes=_eval_sizes(enum)
-        )
-        print(format_table([report]))
-        print(f"preprocessing (mbv3_jax.transforms vs torchvision preset): max abs diff {pre_err:.1e}")
+        run = parity_for(args.name, state_dict, kwargs, sample_photos(), eval_sizes=_eval_sizes(enum))
+        print(format_table([run.report]))
+        print(f"preprocessing (mbv3_jax.transforms vs torchvision preset): {_pre(run)}")
         # The saved directory must reproduce the converted model exactly.
         reloaded = mbv3_jax.load(path)
         x = np.zeros((1, 224, 224, 3), np.float32)
-        same = np.array_equal(np.asarray(reloaded(x)), np.asarray(model(x)))
+        same = all(
+            np.array_equal(np.asarray(a), np.asarray(b))
+            for a, b in zip(jax.tree.leaves(reloaded(x)), jax.tree.leaves(model(x)), strict=True)
+        )
         print(f"reloaded from {path}: outputs {'identical' if same else 'DIFFER'}")
         return 0 if same else 1
     return 0

@@ -51,13 +51,6 @@ def nchw_to_nhwc(t: torch.Tensor) -> np.ndarray:
     return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
 
 
-def topk_agreement(ref_logits: np.ndarray, got_logits: np.ndarray, k: int = 5) -> tuple[float, float]:
-    """(fraction with the same top-1, fraction with the same ordered top-k)."""
-    ref_top = np.argsort(-ref_logits, axis=-1, kind="stable")[:, :k]
-    got_top = np.argsort(-got_logits, axis=-1, kind="stable")[:, :k]
-    return float(np.mean(ref_top[:, 0] == got_top[:, 0])), float(np.mean(np.all(ref_top == got_top, axis=-1)))
-
-
 def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
@@ -69,40 +62,100 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+Counts = tuple[int, int]  # (agreeing, total)
+
+
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-    """How to get named outputs (NHWC numpy) from a torchvision model and from its port."""
+    """How to get named outputs (NHWC numpy) from a torchvision model and from its port.
 
-    torch_outputs: Callable[[torch.nn.Module, torch.Tensor], dict[str, np.ndarray]]
-    jax_outputs: Callable[[nnx.Module, jax.Array], dict[str, np.ndarray]]
+    ``primary`` names the output the table reports; ``agreements`` counts, per metric, how many
+    predictions agree (top-1 classes, argmax pixels, ...) between reference and port.
+    """
+
+    # (model, NCHW / NHWC input, with_stages) -> {name: NHWC array}
+    torch_outputs: Callable[[torch.nn.Module, torch.Tensor, bool], dict[str, np.ndarray]]
+    jax_outputs: Callable[[nnx.Module, jax.Array, bool], dict[str, np.ndarray]]
     primary: str = "logits"
+    agreements: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], dict[str, Counts]] | None = None
 
 
-def _classifier_torch_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+def _classifier_torch_outputs(model: torch.nn.Module, x: torch.Tensor, stages: bool) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     with torch.no_grad():
-        y = x
-        for i, layer in enumerate(model.features):
-            y = layer(y)
-            out[f"features.{i}"] = nchw_to_nhwc(y)
+        if stages:
+            y = x
+            for i, layer in enumerate(model.features):
+                y = layer(y)
+                out[f"features.{i}"] = nchw_to_nhwc(y)
         out["logits"] = model(x).numpy()
     return out
 
 
-def _classifier_jax_outputs(model: nnx.Module, x: jax.Array) -> dict[str, np.ndarray]:
-    feats = model.extract_features(x, range(model.num_stages))
-    out = {f"features.{i}": np.asarray(v) for i, v in feats.items()}
+def _classifier_jax_outputs(model: nnx.Module, x: jax.Array, stages: bool) -> dict[str, np.ndarray]:
+    out = {}
+    if stages:
+        feats = model.extract_features(x, range(model.num_stages))
+        out = {f"features.{i}": np.asarray(v) for i, v in feats.items()}
     out["logits"] = np.asarray(model(x))
     return out
 
 
-CLASSIFIER = Adapter(_classifier_torch_outputs, _classifier_jax_outputs)
+def _classifier_agreements(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, Counts]:
+    ref_top = np.argsort(-ref["logits"], axis=-1, kind="stable")[:, :5]
+    got_top = np.argsort(-got["logits"], axis=-1, kind="stable")[:, :5]
+    n = len(ref_top)
+    return {
+        "top-1": (int(np.sum(ref_top[:, 0] == got_top[:, 0])), n),
+        "top-5": (int(np.sum(np.all(ref_top == got_top, axis=-1))), n),
+    }
+
+
+def _segmentation_torch_outputs(
+    model: torch.nn.Module, x: torch.Tensor, stages: bool
+) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        y = x
+        for i, layer in model.backbone.items() if stages else ():  # IntermediateLayerGetter: 0..16
+            y = layer(y)
+            out[f"backbone.{i}"] = nchw_to_nhwc(y)
+        for key, value in model(x).items():
+            out[key] = nchw_to_nhwc(value)
+    return out
+
+
+def _segmentation_jax_outputs(model: nnx.Module, x: jax.Array, stages: bool) -> dict[str, np.ndarray]:
+    out = {}
+    if stages:
+        feats = model.extract_features(x, range(len(model.backbone)))
+        out = {f"backbone.{i}": np.asarray(v) for i, v in feats.items()}
+    out.update({k: np.asarray(v) for k, v in model(x).items()})
+    return out
+
+
+def _segmentation_agreements(ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, Counts]:
+    counts = {}
+    for key in ("out", "aux"):
+        if key in ref:
+            same = np.argmax(ref[key], axis=-1) == np.argmax(got[key], axis=-1)
+            counts["pixels" if key == "out" else "aux pixels"] = (int(same.sum()), int(same.size))
+    return counts
+
+
+CLASSIFIER = Adapter(_classifier_torch_outputs, _classifier_jax_outputs, "logits", _classifier_agreements)
+SEGMENTATION = Adapter(
+    _segmentation_torch_outputs, _segmentation_jax_outputs, "out", _segmentation_agreements
+)
 
 # builder name -> adapter; later model families register theirs.
 ADAPTERS: dict[str, Adapter] = {
     "mobilenet_v3_large": CLASSIFIER,
     "mobilenet_v3_small": CLASSIFIER,
     "MobileNetV3": CLASSIFIER,
+    "lraspp_mobilenet_v3_large": SEGMENTATION,
+    "deeplabv3_mobilenet_v3_large": SEGMENTATION,
+    "fcn_mobilenet_v3_large": SEGMENTATION,
 }
 
 
@@ -112,16 +165,29 @@ class ParityReport:
     params: int
     batch_shape: tuple[int, ...]
     comparisons: list[Comparison]
-    top1_agreement: float | None = None
-    topk_agreement: float | None = None
+    primary: str = "logits"
+    agreements: dict[str, Counts] = dataclasses.field(default_factory=dict)
     jax_seconds: float | None = None
     torch_seconds: float | None = None
+    outputs: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list, repr=False)
 
     def get(self, name: str) -> Comparison:
         for c in self.comparisons:
             if c.name == name:
                 return c
         raise KeyError(name)
+
+    def agreement(self, metric: str) -> float:
+        agree, total = self.agreements[metric]
+        return agree / total if total else 1.0
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.agreement("top-1") if "top-1" in self.agreements else None
+
+    @property
+    def topk_agreement(self) -> float | None:
+        return self.agreement("top-5") if "top-5" in self.agreements else None
 
     @property
     def worst_relative(self) -> float:
@@ -132,59 +198,131 @@ def count_params(model: nnx.Module) -> int:
     return int(sum(np.size(v) for v in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
+def _merge(a: Comparison, b: Comparison) -> Comparison:
+    return Comparison(a.name, a.shape, max(a.max_abs, b.max_abs), max(a.ref_scale, b.ref_scale))
+
+
 def run_parity(
     name: str,
     tv_model: torch.nn.Module,
     jax_model: nnx.Module,
-    images_nhwc: np.ndarray,
+    images_nhwc: np.ndarray | Sequence[np.ndarray],
     *,
     adapter: Adapter | None = None,
+    stages: bool = True,
     timing_repeats: int = 0,
+    keep_outputs: bool = False,
 ) -> ParityReport:
-    """Compare every output of the two models (both in eval mode) on the same float NHWC images."""
+    """Compare every output of the two models (both in eval mode) on the same float NHWC images.
+
+    ``images_nhwc`` is one batch, or a list of batches (e.g. one per photo size); errors are then
+    the worst over all batches and agreements are summed. ``stages=False`` compares only the
+    model outputs (not every backbone stage). ``keep_outputs`` keeps both sides' primary outputs
+    in ``report.outputs`` (per batch; for figures). Timings use the first batch.
+    """
     adapter = adapter or ADAPTERS[jax_model.architecture["builder"]]
     tv_model.eval()
     jax_model.eval()
-    x_np = np.ascontiguousarray(images_nhwc, dtype=np.float32)
-    x_torch = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous()
-    x_jax = jnp.asarray(x_np)
-    ref = adapter.torch_outputs(tv_model, x_torch)
-    got = adapter.jax_outputs(jax_model, x_jax)
-    missing = ref.keys() ^ got.keys()
-    if missing:
-        raise ValueError(f"{name}: outputs present on one side only: {sorted(missing)}")
+    batches = [images_nhwc] if isinstance(images_nhwc, np.ndarray) else list(images_nhwc)
+    comparisons: dict[str, Comparison] = {}
+    agreements: dict[str, Counts] = {}
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
+    for batch in batches:
+        x_np = np.ascontiguousarray(batch, dtype=np.float32)
+        ref = adapter.torch_outputs(tv_model, torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(), stages)
+        got = adapter.jax_outputs(jax_model, jnp.asarray(x_np), stages)
+        if keep_outputs:
+            kept.append((ref[adapter.primary], got[adapter.primary]))
+        missing = ref.keys() ^ got.keys()
+        if missing:
+            raise ValueError(f"{name}: outputs present on one side only: {sorted(missing)}")
+        for k in ref:
+            c = compare(k, ref[k], got[k])
+            comparisons[k] = _merge(comparisons[k], c) if k in comparisons else c
+        if adapter.agreements is not None:
+            for metric, (agree, total) in adapter.agreements(ref, got).items():
+                a0, t0 = agreements.get(metric, (0, 0))
+                agreements[metric] = (a0 + agree, t0 + total)
+    first = np.ascontiguousarray(batches[0], dtype=np.float32)
     report = ParityReport(
-        name, count_params(jax_model), tuple(x_np.shape), [compare(k, ref[k], got[k]) for k in ref]
+        name,
+        count_params(jax_model),
+        tuple(first.shape),
+        list(comparisons.values()),
+        adapter.primary,
+        agreements,
     )
-    primary = adapter.primary
-    if primary == "logits":
-        report.top1_agreement, report.topk_agreement = topk_agreement(ref["logits"], got["logits"])
+    report.outputs = kept
     if timing_repeats:
+        x_jax = jnp.asarray(first)
+        x_torch = torch.from_numpy(first).permute(0, 3, 1, 2).contiguous()
         report.jax_seconds = median_seconds(lambda: jax.block_until_ready(jax_model(x_jax)), timing_repeats)
         with torch.inference_mode():
             report.torch_seconds = median_seconds(lambda: tv_model(x_torch), timing_repeats)
     return report
 
 
-def format_table(reports: Sequence[ParityReport], primary: str = "logits") -> str:
-    """A plain-text table: params, max abs / relative error, top-1/top-5 agreement, timings."""
-    header = (
-        f"{'model':<44} {'params':>11} {'max abs err':>12} {'rel err':>9} {'worst stage':>9} "
-        f"{'top-1':>6} {'top-5':>6} {'JAX ms':>8} {'torch ms':>9}"
-    )
-    lines = [header, "-" * len(header)]
-    for r in reports:
-        c = r.get(primary)
+def _format_agreements(report: ParityReport) -> str:
+    parts = []
+    for metric in report.agreements:
+        frac = report.agreement(metric)
+        parts.append(f"{metric} {'100%' if frac == 1.0 else f'{100 * frac:.4f}%'}")
+    return ", ".join(parts) or "-"
 
-        def pct(v: float | None) -> str:
-            return "-" if v is None else f"{100 * v:.0f}%"
+
+def format_table(reports: Sequence[ParityReport]) -> str:
+    """A plain-text table: params, max abs / relative error of the primary output, worst output,
+    agreement of the predictions, timings."""
+    header = (
+        f"{'model':<30} {'params':>11} {'output':>7} {'max abs err':>12} {'rel err':>9} {'worst':>9} "
+        f"{'JAX ms':>8} {'torch ms':>9}  agreement"
+    )
+    lines = [header, "-" * (len(header) + 24)]
+    for r in reports:
+        c = r.get(r.primary)
 
         def ms(v: float | None) -> str:
             return "-" if v is None else f"{1000 * v:.1f}"
 
         lines.append(
-            f"{r.model:<44} {r.params:>11,} {c.max_abs:>12.2e} {c.relative:>9.1e} {r.worst_relative:>9.1e} "
-            f"{pct(r.top1_agreement):>6} {pct(r.topk_agreement):>6} "
-            f"{ms(r.jax_seconds):>8} {ms(r.torch_seconds):>9}"
+            f"{r.model:<30} {r.params:>11,} {r.primary:>7} {c.max_abs:>12.2e} {c.relative:>9.1e} "
+            f"{r.worst_relative:>9.1e} {ms(r.jax_seconds):>8} {ms(r.torch_seconds):>9}  "
+            f"{_format_agreements(r)}"
         )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor-set comparisons (train-mode statistics, gradients), shared by the parity tests.
+
+
+def assert_close_tensors(ref: dict, got: dict, tol: float, what: str) -> float:
+    """Every tensor of ``got`` within ``tol`` x max|ref| of ``ref`` (same keys); the worst relative error."""
+    assert ref.keys() == got.keys(), f"{what}: different sets of tensors"
+    worst = 0.0
+    for path, r in ref.items():
+        g = got[path]
+        scale = float(np.max(np.abs(r)))
+        err = float(np.max(np.abs(np.asarray(r, np.float64) - g))) / (scale if scale > 0 else 1.0)
+        name = ".".join(map(str, path)) if isinstance(path, tuple) else path
+        assert err <= tol, f"{what} {name}: relative error {err:.2e} > {tol:.0e}"
+        worst = max(worst, err)
+    return worst
+
+
+def assert_close_gradients(ref: dict, got: dict, tol: float, zero_tol: float = 1e-12) -> float:
+    """Gradients within ``tol`` relative, per tensor; the worst relative error.
+
+    BatchNorm biases directly followed by a train-mode BatchNorm (a projection BN before the next
+    block's normalisation) have a gradient that is exactly zero in exact arithmetic; both sides
+    give rounding noise there, where a relative error means nothing. Those are checked against
+    the global gradient scale (``zero_tol``) instead.
+    """
+    assert ref.keys() == got.keys(), "gradients: different sets of tensors"
+    global_scale = max(float(np.max(np.abs(g))) for g in ref.values())
+    zero = {p for p, g in ref.items() if np.max(np.abs(g)) <= zero_tol * global_scale}
+    for p in zero:
+        assert np.max(np.abs(got[p])) <= zero_tol * global_scale, f"gradient {p} should be ~0"
+    assert len(zero) < len(ref) // 4, f"{len(zero)} of {len(ref)} gradients are ~0: a broken test setup"
+    nonzero = {p: g for p, g in ref.items() if p not in zero}
+    return assert_close_tensors(nonzero, {p: got[p] for p in nonzero}, tol, "gradient")

@@ -29,11 +29,75 @@ MOBILENET_V3_CLASSIFIER_RULES: list[Rule] = [
     *mobilenet_v3_features_rules(),
 ]
 
+
+def conv_bn_rules(torch_prefix: str, jax_prefix: str) -> list[Rule]:
+    """A torch ``Sequential(Conv2d(bias=False), BatchNorm2d, ...)`` -> ``ConvNormActivation``."""
+    tp = torch_prefix.replace(".", r"\.")
+    return [
+        Rule(rf"{tp}\.0\.weight", f"{jax_prefix}.conv.kernel", CONV_OIHW_TO_HWIO),
+        *batchnorm_rules(rf"{tp}\.1", f"{jax_prefix}.bn"),
+    ]
+
+
+def conv_rules(torch_prefix: str, jax_prefix: str) -> list[Rule]:
+    """A torch ``Conv2d`` with bias -> ``Conv2d``."""
+    tp = torch_prefix.replace(".", r"\.")
+    return [
+        Rule(rf"{tp}\.weight", f"{jax_prefix}.kernel", CONV_OIHW_TO_HWIO),
+        Rule(rf"{tp}\.bias", f"{jax_prefix}.bias"),
+    ]
+
+
+def fcn_head_rules(torch_prefix: str, jax_prefix: str) -> list[Rule]:
+    """torchvision's ``FCNHead`` (Sequential: conv, bn, relu, dropout, conv) -> ``FCNHead``."""
+    return [
+        *conv_bn_rules(torch_prefix, f"{jax_prefix}.conv"),
+        *conv_rules(f"{torch_prefix}.4", f"{jax_prefix}.classifier"),
+    ]
+
+
+SEGMENTATION_BACKBONE_RULES = mobilenet_v3_features_rules("backbone", "backbone")
+
+LRASPP_RULES: list[Rule] = [
+    *SEGMENTATION_BACKBONE_RULES,
+    *conv_bn_rules("classifier.cbr", "classifier.cbr"),
+    Rule(r"classifier\.scale\.1\.weight", "classifier.scale.kernel", CONV_OIHW_TO_HWIO),
+    *conv_rules("classifier.low_classifier", "classifier.low_classifier"),
+    *conv_rules("classifier.high_classifier", "classifier.high_classifier"),
+]
+
+DEEPLABV3_RULES: list[Rule] = [
+    *SEGMENTATION_BACKBONE_RULES,
+    # classifier.0 = ASPP: convs.0..3 (conv, bn, relu), convs.4 = pooling (pool, conv, bn, relu).
+    Rule(
+        r"classifier\.0\.convs\.([0-3])\.0\.weight",
+        r"classifier.aspp.convs.\1.conv.kernel",
+        CONV_OIHW_TO_HWIO,
+    ),
+    *batchnorm_rules(r"classifier\.0\.convs\.([0-3])\.1", r"classifier.aspp.convs.\1.bn"),
+    Rule(r"classifier\.0\.convs\.4\.1\.weight", "classifier.aspp.pooling.conv.kernel", CONV_OIHW_TO_HWIO),
+    *batchnorm_rules(r"classifier\.0\.convs\.4\.2", "classifier.aspp.pooling.bn"),
+    *conv_bn_rules("classifier.0.project", "classifier.aspp.project"),
+    Rule(r"classifier\.1\.weight", "classifier.conv.conv.kernel", CONV_OIHW_TO_HWIO),
+    *batchnorm_rules(r"classifier\.2", "classifier.conv.bn"),
+    *conv_rules("classifier.4", "classifier.classifier"),
+    *fcn_head_rules("aux_classifier", "aux_classifier"),
+]
+
+FCN_RULES: list[Rule] = [
+    *SEGMENTATION_BACKBONE_RULES,
+    *fcn_head_rules("classifier", "classifier"),
+    *fcn_head_rules("aux_classifier", "aux_classifier"),
+]
+
 # builder name (as recorded in model.architecture) -> mapping table.
 RULES: dict[str, list[Rule]] = {
     "mobilenet_v3_large": MOBILENET_V3_CLASSIFIER_RULES,
     "mobilenet_v3_small": MOBILENET_V3_CLASSIFIER_RULES,
     "MobileNetV3": MOBILENET_V3_CLASSIFIER_RULES,
+    "lraspp_mobilenet_v3_large": LRASPP_RULES,
+    "deeplabv3_mobilenet_v3_large": DEEPLABV3_RULES,
+    "fcn_mobilenet_v3_large": FCN_RULES,
 }
 
 

@@ -22,7 +22,14 @@ import torchvision
 from flax import nnx
 
 import mbv3_jax.models as jax_models
-from porting.mapping import WeightMappingError, convert_to_jax, convert_to_torch, load_into
+from porting.mapping import (
+    WeightMappingError,
+    convert_to_jax,
+    convert_to_torch,
+    format_path,
+    load_into,
+    model_variables,
+)
 from porting.rules import rules_for
 
 
@@ -61,7 +68,32 @@ def build_torchvision_model(architecture: Mapping[str, Any]) -> torch.nn.Module:
             cfg.out_channels = row["out_channels"]
             table.append(cfg)
         return MobileNetV3(table, **kwargs)
+    if builder == "fcn_mobilenet_v3_large":
+        return _fcn_mobilenet_v3_large(**kwargs)
+    if builder in _HAS_BACKBONE_WEIGHTS:  # never download backbone weights for an empty model
+        kwargs.setdefault("weights_backbone", None)
     return torchvision.models.get_model(builder, weights=None, **kwargs)
+
+
+_HAS_BACKBONE_WEIGHTS = {"lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"}
+_HAS_AUX_HEAD = {"deeplabv3_mobilenet_v3_large", "fcn_mobilenet_v3_large"}
+
+
+def _fcn_mobilenet_v3_large(num_classes: int = 21, aux_loss: bool = False) -> torch.nn.Module:
+    """torchvision's FCN with its FCNHead on the dilated MobileNetV3-Large, composed as
+    torchvision composes DeepLabV3 on that backbone (torchvision has no builder for it)."""
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation.fcn import FCN, FCNHead
+
+    features = torchvision.models.mobilenet_v3_large(weights=None, dilated=True).features
+    cn = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
+    out_pos, aux_pos = cn[-1], cn[-4]
+    return_layers = {str(out_pos): "out"}
+    if aux_loss:
+        return_layers[str(aux_pos)] = "aux"
+    backbone = IntermediateLayerGetter(features, return_layers=return_layers)
+    aux = FCNHead(features[aux_pos].out_channels, num_classes) if aux_loss else None
+    return FCN(backbone, FCNHead(features[out_pos].out_channels, num_classes), aux)
 
 
 def _weights_enum(name: str, weights: Any) -> torchvision.models.WeightsEnum | None:
@@ -158,19 +190,47 @@ def _describe(name: str, kwargs: Mapping[str, Any]) -> str:
     return f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
 
 
+# model -> (classifier whose ``features`` its backbone is, key prefix there, key prefix and JAX path
+# root in the model)
+BACKBONES: dict[str, tuple[str, str, str]] = {
+    "lraspp_mobilenet_v3_large": ("mobilenet_v3_large", "features", "backbone"),
+    "deeplabv3_mobilenet_v3_large": ("mobilenet_v3_large", "features", "backbone"),
+    "fcn_mobilenet_v3_large": ("mobilenet_v3_large", "features", "backbone"),
+}
+
+
 def load_torchvision(
-    name: str, weights: Any, *, checkpoint_key: str = "model", progress: bool = True, **kwargs: Any
+    name: str,
+    weights: Any = None,
+    *,
+    weights_backbone: Any = None,
+    checkpoint_key: str = "model",
+    progress: bool = True,
+    **kwargs: Any,
 ) -> nnx.Module:
     """Build ``name`` with torchvision's keyword arguments and load torchvision ``weights`` into it.
+
+    With ``weights=None`` and ``weights_backbone`` (e.g. "IMAGENET1K_V1" for a segmentation
+    model), only the backbone is loaded, from the classifier's checkpoint, as torchvision's
+    builders do; the heads keep their fresh initialisation (for fine-tuning).
+
+    For DeepLabV3 / FCN, ``aux_loss`` defaults to whether the checkpoint has the auxiliary head.
 
     Returns the NNX model in eval mode. The mapping is strict: any unexpected, missing or
     mis-shaped tensor raises :class:`porting.mapping.WeightMappingError` naming it.
     """
+    if weights is None:
+        if weights_backbone is None:
+            raise ValueError(f"{name}: give weights (a file, state_dict or name) or weights_backbone")
+        return _load_backbone_only(name, weights_backbone, checkpoint_key, progress, kwargs)
     state_dict, enum, source = resolve_weights(name, weights, checkpoint_key, progress)
     if enum is not None and "categories" in enum.meta:
         n = len(enum.meta["categories"])
         if kwargs.setdefault("num_classes", n) != n:
             raise ValueError(f"{enum} has {n} classes, but num_classes={kwargs['num_classes']} was asked")
+    if name in _HAS_AUX_HEAD and "aux_loss" not in kwargs:
+        # The checkpoint says whether it has the auxiliary head (torchvision's COCO weights do).
+        kwargs["aux_loss"] = any(k.startswith("aux_classifier.") for k in state_dict)
     model = jax_models.get_model(name, **kwargs)
     arrays = convert_to_jax(
         state_dict,
@@ -179,6 +239,36 @@ def load_torchvision(
         context=f"{source} does not fit {_describe(name, kwargs)} "
         "(a checkpoint of another model or configuration?)",
     )
+    load_into(model, arrays)
+    model.eval()
+    return model
+
+
+def _load_backbone_only(
+    name: str, weights_backbone: Any, checkpoint_key: str, progress: bool, kwargs: dict[str, Any]
+) -> nnx.Module:
+    if name not in BACKBONES:
+        raise ValueError(f"{name} has no separate backbone weights; models with one: {sorted(BACKBONES)}")
+    classifier, source_prefix, prefix = BACKBONES[name]
+    state_dict, _, source = resolve_weights(classifier, weights_backbone, checkpoint_key, progress)
+    # torchvision keeps the classifier's `features` and drops its classification layers.
+    start = len(source_prefix)
+    tensors = {prefix + k[start:]: v for k, v in state_dict.items() if k.startswith(source_prefix + ".")}
+    model = jax_models.get_model(name, **kwargs)
+    arrays = convert_to_jax(
+        tensors,
+        model,
+        rules_for(model.architecture["builder"]),
+        strict=False,
+        context=f"{source} is not a {classifier} checkpoint that fits the backbone of {name}",
+    )
+    missing = [p for p in model_variables(model) if p[0] == prefix and p not in arrays]
+    if missing:
+        raise WeightMappingError(
+            f"{source} does not fill the backbone of {name}: missing "
+            + ", ".join(format_path(p) for p in missing[:5])
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
     load_into(model, arrays)
     model.eval()
     return model

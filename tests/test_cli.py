@@ -41,3 +41,16 @@ def test_mbv3_parity_table(capsys):
     row = next(line for line in text.splitlines() if line.startswith("mobilenet_v3_small "))
     assert "2,542,856" in row and row.count("100%") == 2
     assert "features.12" in text
+
+
+def test_mbv3_parity_segmentation_figures(tmp_path, capsys):
+    argv = ["lraspp_mobilenet_v3_large", "--photos", "astronaut", "chelsea", "--repeats", "0"]
+    assert parity_main([*argv, "--save-figures", str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lraspp"))
+    assert "3,221,538" in row and "pixels" in row
+    figures = sorted(p.name for p in tmp_path.iterdir())
+    assert figures == ["lraspp_mobilenet_v3_large_astronaut.png", "lraspp_mobilenet_v3_large_chelsea.png"]
+    from PIL import Image
+
+    with Image.open(tmp_path / figures[1]) as im:  # 4 panels side by side at the 520 preset size
+        assert im.width > 4 * 780 and im.height > 520

@@ -151,3 +151,36 @@ def test_custom_block_table_round_trips_to_torchvision(tmp_path):
     assert np.max(np.abs(np.asarray(model(x)) - ref)) <= 5e-5 * np.max(np.abs(ref))
     with pytest.raises(ValueError, match="activation must be 'RE' or 'HS'"):
         BlockConfig(16, 3, 16, 16, True, "GELU", 1)
+
+
+def test_segmentation_builders_follow_torchvision():
+    lraspp = mbv3_jax.get_model("lraspp_mobilenet_v3_large")
+    assert lraspp.num_classes == 21 and lraspp.architecture["kwargs"] == {"num_classes": 21}
+    with pytest.raises(NotImplementedError, match="auxiliary loss"):
+        mbv3_jax.get_model("lraspp_mobilenet_v3_large", aux_loss=True)
+    with pytest.raises(ValueError, match="porting.load_torchvision"):
+        mbv3_jax.get_model("deeplabv3_mobilenet_v3_large", weights_backbone="IMAGENET1K_V1")
+    deeplab = mbv3_jax.get_model("deeplabv3_mobilenet_v3_large", num_classes=5)
+    assert deeplab.aux_classifier is None
+    deeplab.eval()
+    out = deeplab(np.zeros((2, 67, 91, 3), np.float32))
+    assert set(out) == {"out"} and out["out"].shape == (2, 67, 91, 5)
+    # A pooled branch in train mode needs more than one value per channel, as in torch.
+    deeplab.train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        deeplab(np.zeros((1, 64, 64, 3), np.float32))
+
+
+def test_segmentation_backbone_from_classifier_weights():
+    import torchvision
+
+    from porting import load_torchvision
+
+    torch.manual_seed(0)
+    classifier = torchvision.models.mobilenet_v3_large().state_dict()
+    model = load_torchvision("deeplabv3_mobilenet_v3_large", weights_backbone=classifier, aux_loss=True)
+    got = np.asarray(model.backbone[3].block[0].conv.kernel[...])
+    np.testing.assert_array_equal(got, classifier["features.3.block.0.0.weight"].permute(2, 3, 1, 0).numpy())
+    small = torchvision.models.mobilenet_v3_small().state_dict()
+    with pytest.raises(ValueError, match="mobilenet_v3_large checkpoint"):
+        load_torchvision("lraspp_mobilenet_v3_large", weights_backbone=small)

@@ -16,11 +16,23 @@ from mbv3_jax.models.mobilenetv3 import (
     mobilenet_v3_large,
     mobilenet_v3_small,
 )
+from mbv3_jax.models.segmentation import (
+    FCN,
+    LRASPP,
+    DeepLabV3,
+    SegmentationModel,
+    deeplabv3_mobilenet_v3_large,
+    fcn_mobilenet_v3_large,
+    lraspp_mobilenet_v3_large,
+)
 
 # torchvision name -> builder. Later model families register here too.
 BUILDERS: dict[str, Callable[..., nnx.Module]] = {
     "mobilenet_v3_large": mobilenet_v3_large,
     "mobilenet_v3_small": mobilenet_v3_small,
+    "lraspp_mobilenet_v3_large": lraspp_mobilenet_v3_large,
+    "deeplabv3_mobilenet_v3_large": deeplabv3_mobilenet_v3_large,
+    "fcn_mobilenet_v3_large": fcn_mobilenet_v3_large,
 }
 
 
@@ -54,6 +66,13 @@ def build_from_architecture(architecture: dict[str, Any]) -> nnx.Module:
 __all__ = [
     "BUILDERS",
     "BlockConfig",
+    "DeepLabV3",
+    "FCN",
+    "LRASPP",
+    "SegmentationModel",
+    "deeplabv3_mobilenet_v3_large",
+    "fcn_mobilenet_v3_large",
+    "lraspp_mobilenet_v3_large",
     "InvertedResidual",
     "MobileNetV3",
     "build_from_architecture",

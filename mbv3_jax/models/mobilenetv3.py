@@ -215,6 +215,40 @@ def check_images(x: Any, in_channels: int = 3) -> None:
         )
 
 
+def features_out_channels(table: Sequence[BlockConfig]) -> int:
+    """Channels of the last ``features`` layer (the 1x1 conv to 6x the last block's outputs)."""
+    return 6 * table[-1].out_channels
+
+
+def mobilenet_v3_features(
+    table: Sequence[BlockConfig], *, dtype: DType | None, param_dtype: DType, rngs: nnx.Rngs
+) -> List:
+    """torchvision's ``MobileNetV3.features``: stem, one InvertedResidual per row, last 1x1 conv.
+
+    Classifiers, segmentation and detection models share it (torchvision numbers the layers the
+    same way in all of them).
+    """
+    common = dict(bn_eps=BN_EPS, bn_momentum=BN_MOMENTUM, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    layers: list[nnx.Module] = [
+        ConvNormActivation(3, table[0].input_channels, 3, stride=2, activation="hardswish", **common)
+    ]
+    for cfg in table:
+        layers.append(InvertedResidual(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+    layers.append(
+        ConvNormActivation(
+            table[-1].out_channels, features_out_channels(table), 1, activation="hardswish", **common
+        )
+    )
+    return List(layers)
+
+
+def stage_indices(table: Sequence[BlockConfig]) -> list[int]:
+    """torchvision's C0..Cn positions in ``features``: the stem, each block whose depthwise conv
+    has stride > 1 (``_is_cn``), and the last layer."""
+    strided = [i + 1 for i, cfg in enumerate(table) if cfg.stride > 1]
+    return [0, *strided, len(table) + 1]
+
+
 class MobileNetV3(Module):
     """torchvision's ``MobileNetV3``: ``features`` (stem, blocks, last conv), avgpool, classifier.
 
@@ -240,17 +274,10 @@ class MobileNetV3(Module):
         if not all(isinstance(c, BlockConfig) for c in inverted_residual_setting):
             raise TypeError("inverted_residual_setting should be a sequence of BlockConfig")
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        common = dict(bn_eps=BN_EPS, bn_momentum=BN_MOMENTUM, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        first = inverted_residual_setting[0].input_channels
-        layers: list[nnx.Module] = [
-            ConvNormActivation(3, first, 3, stride=2, activation="hardswish", **common)
-        ]
-        for cfg in inverted_residual_setting:
-            layers.append(InvertedResidual(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
-        last_in = inverted_residual_setting[-1].out_channels
-        last_out = 6 * last_in
-        layers.append(ConvNormActivation(last_in, last_out, 1, activation="hardswish", **common))
-        self.features = List(layers)
+        self.features = mobilenet_v3_features(
+            inverted_residual_setting, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        last_out = features_out_channels(inverted_residual_setting)
         self.classifier_hidden = Linear(
             last_out, last_channel, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
@@ -273,7 +300,7 @@ class MobileNetV3(Module):
                 },
             }
         # Kept as a JSON string: static, hashable, and what ``mbv3_jax.save`` records.
-        self.architecture_json = _dump_architecture(architecture, dtype, param_dtype)
+        self.architecture_json = dump_architecture(architecture, dtype, param_dtype)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -347,7 +374,7 @@ class MobileNetV3(Module):
         return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:])[:n], out)
 
 
-def _dump_architecture(architecture: dict[str, Any], dtype: DType | None, param_dtype: DType) -> str:
+def dump_architecture(architecture: dict[str, Any], dtype: DType | None, param_dtype: DType) -> str:
     kwargs = dict(architecture["kwargs"])
     if dtype is not None:
         kwargs["dtype"] = np.dtype(dtype).name

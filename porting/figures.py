@@ -1,0 +1,58 @@
+"""Side-by-side figures of torchvision's and mbv3_jax's predictions (PNG via Pillow)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def voc_palette(num_classes: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map (class -> RGB), the one segmentation masks are usually shown in."""
+    palette = np.zeros((num_classes, 3), np.uint8)
+    for c in range(num_classes):
+        r = g = b = 0
+        label = c
+        for bit in range(8):
+            r |= ((label >> 0) & 1) << (7 - bit)
+            g |= ((label >> 1) & 1) << (7 - bit)
+            b |= ((label >> 2) & 1) << (7 - bit)
+            label >>= 3
+        palette[c] = (r, g, b)
+    return palette
+
+
+def _titled(panel: Image.Image, title: str) -> Image.Image:
+    out = Image.new("RGB", (panel.width, panel.height + 22), "white")
+    out.paste(panel, (0, 22))
+    ImageDraw.Draw(out).text((6, 5), title, fill="black")
+    return out
+
+
+def segmentation_figure(
+    photo: np.ndarray, ref_mask: np.ndarray, got_mask: np.ndarray, title: str = ""
+) -> Image.Image:
+    """photo | torchvision mask | JAX mask | difference (red where the argmax classes differ)."""
+    if ref_mask.shape != got_mask.shape:
+        raise ValueError(f"mask shapes differ: {ref_mask.shape} vs {got_mask.shape}")
+    h, w = ref_mask.shape
+    palette = voc_palette()
+    differ = ref_mask != got_mask
+    diff = np.full((h, w, 3), 255, np.uint8)
+    diff[differ] = (255, 0, 0)
+    n_diff = int(differ.sum())
+    panels = [
+        _titled(Image.fromarray(photo).resize((w, h), Image.BILINEAR), "photo"),
+        _titled(Image.fromarray(palette[ref_mask % 256]), "torchvision"),
+        _titled(Image.fromarray(palette[got_mask % 256]), "mbv3_jax"),
+        _titled(Image.fromarray(diff), f"differ: {n_diff} of {h * w} px ({100 * n_diff / (h * w):.4f}%)"),
+    ]
+    gap = 8
+    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    figure = Image.new("RGB", (width, panels[0].height + (24 if title else 0)), "white")
+    x, y = 0, 24 if title else 0
+    for p in panels:
+        figure.paste(p, (x, y))
+        x += p.width + gap
+    if title:
+        ImageDraw.Draw(figure).text((6, 6), title, fill="black")
+    return figure

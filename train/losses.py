@@ -1,0 +1,29 @@
+"""Training losses with torch's exact reductions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+IGNORE_INDEX = 255  # torchvision's segmentation references mark void pixels with 255
+
+
+def cross_entropy_ignore(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:
+    """``F.cross_entropy(logits, labels, ignore_index=...)`` for NHWC logits: mean over kept pixels."""
+    keep = labels != ignore_index
+    safe = jnp.where(keep, labels, 0)
+    per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+    return jnp.sum(jnp.where(keep, per_pixel, 0.0)) / jnp.sum(keep)
+
+
+def segmentation_loss(
+    outputs: Mapping[str, jax.Array], labels: jax.Array, aux_weight: float = 0.5
+) -> jax.Array:
+    """torchvision's references/segmentation criterion: CE(out) + aux_weight * CE(aux) if present."""
+    loss = cross_entropy_ignore(outputs["out"], labels)
+    if "aux" in outputs:
+        loss = loss + aux_weight * cross_entropy_ignore(outputs["aux"], labels)
+    return loss
