@@ -348,9 +348,15 @@ class ConvNormActivation(Module):
         )
 
     def __call__(self, x: Array) -> Array:
-        y = self.bn(self.conv(x))
+        y = self.conv(x)
+        shape = y.shape
+        # Normalise on the (N*H*W, C) view: XLA:CPU runs the per-channel affine fused after a 1x1
+        # conv (a dot) slower when the fusion indexes the 4-D shape. Batch-1 classifiers measured
+        # here: Large 15.5 vs 18.6 ms, Small 6.9 vs 8.9 ms; identical outputs.
+        y = self.bn(y.reshape(-1, shape[-1]))
         act = ACTIVATIONS[self.activation]
-        return y if act is None else act(y)
+        y = y if act is None else act(y)
+        return y.reshape(shape)
 
 
 class SqueezeExcitation(Module):
