@@ -47,3 +47,15 @@ def test_dilated_conv_taps_matches_xla(dilation):
     got = dilated_conv_taps(x, k, dilation, dilation, precision="highest")
     assert got.shape == ref.shape
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-5)
+
+
+def test_interpolate_bilinear_float64_matches_torch():
+    """In float64 torch computes the source positions in float64 too (not the fp32 FMA rule)."""
+    x = np.random.default_rng(1).standard_normal((1, 33, 49, 3))
+    ref = torch.nn.functional.interpolate(
+        torch.from_numpy(x).permute(0, 3, 1, 2), size=(520, 781), mode="bilinear", align_corners=False
+    )
+    with jax.enable_x64(True):
+        got = np.asarray(interpolate_bilinear(jnp.asarray(x), (520, 781)))
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, ref.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-13)
