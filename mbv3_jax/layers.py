@@ -308,6 +308,38 @@ class BatchNorm(Module):
         return y.astype(dtype)
 
 
+class FrozenBatchNorm(Module):
+    """torchvision.ops.FrozenBatchNorm2d: a fixed per-channel affine from BN statistics.
+
+    Its weight, bias and statistics are buffers in torch (not parameters), so here they are
+    ``nnx.BatchStat`` variables: optimizers (which update ``nnx.Param``) leave them alone.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        dtype: DType | None = None,
+        param_dtype: DType = jnp.float32,
+    ):
+        self.num_features, self.eps, self.dtype = num_features, eps, dtype
+        self.scale = nnx.BatchStat(_const((num_features,), 1.0, param_dtype))
+        self.bias = nnx.BatchStat(_const((num_features,), 0.0, param_dtype))
+        self.mean = nnx.BatchStat(_const((num_features,), 0.0, param_dtype))
+        self.var = nnx.BatchStat(_const((num_features,), 1.0, param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        dtype = self.dtype or x.dtype
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        # torch: scale = w * (rv + eps).rsqrt(); bias = b - rm * scale; x * scale + bias
+        scale = self.scale[...].astype(stat_dtype) * jax.lax.rsqrt(
+            self.var[...].astype(stat_dtype) + self.eps
+        )
+        shift = self.bias[...].astype(stat_dtype) - self.mean[...].astype(stat_dtype) * scale
+        return (x.astype(stat_dtype) * scale + shift).astype(dtype)
+
+
 class ConvNormActivation(Module):
     """torchvision's Conv2dNormActivation: conv (no bias) -> BatchNorm -> optional activation."""
 
@@ -323,10 +355,13 @@ class ConvNormActivation(Module):
         activation: str | None = "relu",
         bn_eps: float = 1e-3,
         bn_momentum: float = 0.01,
+        norm: str = "batch",
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if norm not in ("batch", "frozen"):
+            raise ValueError(f"norm must be 'batch' or 'frozen', got {norm!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {list(ACTIVATIONS)}")
         self.activation = activation
@@ -343,9 +378,12 @@ class ConvNormActivation(Module):
             param_dtype=param_dtype,
             rngs=rngs,
         )
-        self.bn = BatchNorm(
-            out_channels, eps=bn_eps, momentum=bn_momentum, dtype=dtype, param_dtype=param_dtype
-        )
+        if norm == "frozen":
+            self.bn = FrozenBatchNorm(out_channels, eps=bn_eps, dtype=dtype, param_dtype=param_dtype)
+        else:
+            self.bn = BatchNorm(
+                out_channels, eps=bn_eps, momentum=bn_momentum, dtype=dtype, param_dtype=param_dtype
+            )
 
     def __call__(self, x: Array) -> Array:
         y = self.conv(x)

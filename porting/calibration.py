@@ -140,3 +140,53 @@ def calibrated_random_weights_(
     randomize_weights_(model, seed)
     batches = [images_nchw] if isinstance(images_nchw, torch.Tensor) else list(images_nchw)
     return calibrate_batchnorm_(model, [torch.cat([b, torch.flip(b, dims=[3])]) for b in batches])
+
+
+def calibrated_detector_(
+    model: torch.nn.Module, images: Sequence[torch.Tensor], seed: int = 0
+) -> torch.nn.Module:
+    """Randomize a torchvision detector and calibrate its backbone BatchNorms on ``images``.
+
+    ``images``: CHW float tensors in [0, 1] (the detector's own transform resizes and batches them;
+    mirrors are added). Heads stay random at the activation-preserving scale, which spreads the
+    class scores (parity tests check there are no ties). A FrozenBatchNorm2d model is calibrated
+    through a BatchNorm2d twin and gets its statistics.
+    """
+    randomize_weights_(model, seed)
+    with torch.no_grad():
+        # Box regressions of a trained detector are small corrections (|dw| ~ 0.1-0.3); at the
+        # random scale they would stretch boxes ~e^2x, far outside the image, where fp32 coordinates
+        # lose the precision a parity test needs. Scores keep their random spread.
+        # The class scores at the random scale saturate the softmax (p ~ 1 - 1e-5, where float32
+        # ties appear); a third of it spreads them over (0.05, 0.95).
+        for name, module in model.named_modules():
+            if not isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                continue
+            gain = 0.2 if name.endswith("bbox_pred") else 0.35 if name.endswith("cls_score") else None
+            if gain is not None:
+                module.weight.mul_(gain)
+                module.bias.mul_(gain)
+    model.eval()
+    with torch.no_grad():
+        batch, _ = model.transform([*images, *[torch.flip(x, dims=[2]) for x in images]])
+    backbone = model.backbone
+    frozen = [m for m in backbone.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
+    if frozen:  # calibrate a BatchNorm2d copy, then copy its statistics over
+        import copy
+
+        twin = copy.deepcopy(backbone)
+        for m in list(twin.modules()):
+            for child_name, child in list(m.named_children()):
+                if type(child).__name__ == "FrozenBatchNorm2d":
+                    bn = torch.nn.BatchNorm2d(child.weight.numel(), eps=child.eps)
+                    bn.weight.data.copy_(child.weight)
+                    bn.bias.data.copy_(child.bias)
+                    setattr(m, child_name, bn)
+        calibrate_batchnorm_(twin, [batch.tensors])
+        twin_norms = [m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for f, b in zip(frozen, twin_norms, strict=True):
+            f.running_mean.copy_(b.running_mean)
+            f.running_var.copy_(b.running_var)
+    else:
+        calibrate_batchnorm_(backbone, [batch.tensors])
+    return model.eval()

@@ -326,3 +326,38 @@ def assert_close_gradients(ref: dict, got: dict, tol: float, zero_tol: float = 1
     assert len(zero) < len(ref) // 4, f"{len(zero)} of {len(ref)} gradients are ~0: a broken test setup"
     nonzero = {p: g for p, g in ref.items() if p not in zero}
     return assert_close_tensors(nonzero, {p: got[p] for p in nonzero}, tol, "gradient")
+
+
+# ------------------------------------------------------------------------------------------------
+# Detections
+
+
+def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def match_detections(
+    ref: dict[str, Any], got: dict[str, Any], iou: float = 0.99, score_tol: float = 1e-4
+) -> tuple[int, int]:
+    """How many of ``ref``'s detections have a detection in ``got`` with the same label, IoU >=
+    ``iou`` and |score difference| <= ``score_tol``: (matched, total). Call both ways."""
+    rb, rs, rl = (np.asarray(ref[k]) for k in ("boxes", "scores", "labels"))
+    gb, gs, gl = (np.asarray(got[k]) for k in ("boxes", "scores", "labels"))
+    if len(rb) == 0:
+        return 0, 0
+    if len(gb) == 0:
+        return 0, len(rb)
+    ok = (
+        (_iou_matrix(rb, gb) >= iou)
+        & (rl[:, None] == gl[None, :])
+        & (np.abs(rs[:, None] - gs[None, :]) <= score_tol)
+    )
+    return int(ok.any(axis=1).sum()), len(rb)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from porting.mapping import CONV_OIHW_TO_HWIO, LINEAR_TRANSPOSE, Rule, batchnorm_rules
+from porting.mapping import CONV_OIHW_TO_HWIO, FC_CHW_TO_HWC, LINEAR_TRANSPOSE, Rule, batchnorm_rules
 
 
 def mobilenet_v3_features_rules(torch_prefix: str = "features", jax_prefix: str = "features") -> list[Rule]:
@@ -90,6 +90,28 @@ FCN_RULES: list[Rule] = [
     *fcn_head_rules("aux_classifier", "aux_classifier"),
 ]
 
+FASTER_RCNN_RULES: list[Rule] = [
+    *mobilenet_v3_features_rules("backbone.body", "backbone.body"),
+    Rule(
+        r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.weight",
+        r"backbone.fpn.\1_blocks.\2.kernel",
+        CONV_OIHW_TO_HWIO,
+    ),
+    Rule(r"backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.bias", r"backbone.fpn.\1_blocks.\2.bias"),
+    *conv_rules("rpn.head.conv.0.0", "rpn.head.conv"),
+    *conv_rules("rpn.head.cls_logits", "rpn.head.cls_logits"),
+    *conv_rules("rpn.head.bbox_pred", "rpn.head.bbox_pred"),
+    Rule(r"roi_heads\.box_head\.fc6\.weight", "roi_heads.box_head.fc6.kernel", FC_CHW_TO_HWC),
+    Rule(r"roi_heads\.box_head\.fc7\.weight", "roi_heads.box_head.fc7.kernel", LINEAR_TRANSPOSE),
+    Rule(r"roi_heads\.box_head\.(fc[67])\.bias", r"roi_heads.box_head.\1.bias"),
+    Rule(
+        r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.weight",
+        r"roi_heads.box_predictor.\1.kernel",
+        LINEAR_TRANSPOSE,
+    ),
+    Rule(r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.bias", r"roi_heads.box_predictor.\1.bias"),
+]
+
 # builder name (as recorded in model.architecture) -> mapping table.
 RULES: dict[str, list[Rule]] = {
     "mobilenet_v3_large": MOBILENET_V3_CLASSIFIER_RULES,
@@ -98,6 +120,8 @@ RULES: dict[str, list[Rule]] = {
     "lraspp_mobilenet_v3_large": LRASPP_RULES,
     "deeplabv3_mobilenet_v3_large": DEEPLABV3_RULES,
     "fcn_mobilenet_v3_large": FCN_RULES,
+    "fasterrcnn_mobilenet_v3_large_fpn": FASTER_RCNN_RULES,
+    "fasterrcnn_mobilenet_v3_large_320_fpn": FASTER_RCNN_RULES,
 }
 
 

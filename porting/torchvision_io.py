@@ -70,6 +70,8 @@ def build_torchvision_model(architecture: Mapping[str, Any]) -> torch.nn.Module:
         return MobileNetV3(table, **kwargs)
     if builder == "fcn_mobilenet_v3_large":
         return _fcn_mobilenet_v3_large(**kwargs)
+    if builder.startswith("fasterrcnn_mobilenet_v3_large"):
+        return _faster_rcnn(builder, **kwargs)
     if builder in _HAS_BACKBONE_WEIGHTS:  # never download backbone weights for an empty model
         kwargs.setdefault("weights_backbone", None)
     return torchvision.models.get_model(builder, weights=None, **kwargs)
@@ -77,6 +79,33 @@ def build_torchvision_model(architecture: Mapping[str, Any]) -> torch.nn.Module:
 
 _HAS_BACKBONE_WEIGHTS = {"lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"}
 _HAS_AUX_HEAD = {"deeplabv3_mobilenet_v3_large", "fcn_mobilenet_v3_large"}
+
+
+def _faster_rcnn(
+    builder: str,
+    num_classes: int = 91,
+    frozen_batchnorm: bool = False,
+    trainable_backbone_layers: int | None = None,
+    **kwargs: Any,
+) -> torch.nn.Module:
+    """torchvision's ``_fasterrcnn_mobilenet_v3_large_fpn`` with the norm layer made explicit:
+    FrozenBatchNorm2d (what torchvision picks for trained weights) or BatchNorm2d (from scratch)."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import _mobilenet_extractor
+    from torchvision.models.detection.faster_rcnn import FasterRCNN
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    norm_layer = FrozenBatchNorm2d if frozen_batchnorm else torch.nn.BatchNorm2d
+    backbone = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm_layer)
+    trainable = (
+        trainable_backbone_layers if trainable_backbone_layers is not None else (3 if frozen_batchnorm else 6)
+    )
+    backbone = _mobilenet_extractor(backbone, True, trainable)
+    defaults: dict[str, Any] = {"rpn_score_thresh": 0.05}
+    if builder.endswith("_320_fpn"):
+        defaults.update(min_size=320, max_size=640, rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=150)
+    anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+    return FasterRCNN(backbone, num_classes, rpn_anchor_generator=anchors, **{**defaults, **kwargs})
 
 
 def _fcn_mobilenet_v3_large(num_classes: int = 21, aux_loss: bool = False) -> torch.nn.Module:
@@ -228,6 +257,9 @@ def load_torchvision(
         n = len(enum.meta["categories"])
         if kwargs.setdefault("num_classes", n) != n:
             raise ValueError(f"{enum} has {n} classes, but num_classes={kwargs['num_classes']} was asked")
+    if name.startswith("fasterrcnn_") and "frozen_batchnorm" not in kwargs:
+        # torchvision builds detectors from trained weights with FrozenBatchNorm2d (no counters).
+        kwargs["frozen_batchnorm"] = not any(k.endswith("num_batches_tracked") for k in state_dict)
     if name in _HAS_AUX_HEAD and "aux_loss" not in kwargs:
         # The checkpoint says whether it has the auxiliary head (torchvision's COCO weights do).
         kwargs["aux_loss"] = any(k.startswith("aux_classifier.") for k in state_dict)

@@ -7,6 +7,12 @@ from typing import Any
 
 from flax import nnx
 
+from mbv3_jax.models.detection import (
+    FasterRCNN,
+    FasterRCNNConfig,
+    fasterrcnn_mobilenet_v3_large_320_fpn,
+    fasterrcnn_mobilenet_v3_large_fpn,
+)
 from mbv3_jax.models.mobilenetv3 import (
     BlockConfig,
     InvertedResidual,
@@ -33,6 +39,8 @@ BUILDERS: dict[str, Callable[..., nnx.Module]] = {
     "lraspp_mobilenet_v3_large": lraspp_mobilenet_v3_large,
     "deeplabv3_mobilenet_v3_large": deeplabv3_mobilenet_v3_large,
     "fcn_mobilenet_v3_large": fcn_mobilenet_v3_large,
+    "fasterrcnn_mobilenet_v3_large_fpn": fasterrcnn_mobilenet_v3_large_fpn,
+    "fasterrcnn_mobilenet_v3_large_320_fpn": fasterrcnn_mobilenet_v3_large_320_fpn,
 }
 
 
@@ -68,6 +76,10 @@ __all__ = [
     "BlockConfig",
     "DeepLabV3",
     "FCN",
+    "FasterRCNN",
+    "FasterRCNNConfig",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
     "LRASPP",
     "SegmentationModel",
     "deeplabv3_mobilenet_v3_large",

@@ -22,6 +22,8 @@ from mbv3_jax.runtime import Dropout, List, Module, call_compiled, is_frozen
 # torchvision's MobileNetV3 BatchNorm: BatchNorm2d(eps=0.001, momentum=0.01).
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
+# ConvNormActivation keyword arguments of torchvision's MobileNetV3 BatchNorm.
+MOBILENET_NORM: dict[str, Any] = dict(bn_eps=BN_EPS, bn_momentum=BN_MOMENTUM)
 # Eval micro-batch on CPU (keeps activations in L3); see MobileNetV3._in_micro_batches.
 CPU_EVAL_MICRO_BATCH = 8
 
@@ -147,10 +149,18 @@ def mobilenet_v3_config(
 class InvertedResidual(Module):
     """Expand 1x1 (if needed) -> depthwise kxk -> SE (optional) -> project 1x1; residual if shapes allow."""
 
-    def __init__(self, cfg: BlockConfig, *, dtype: DType | None, param_dtype: DType, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: BlockConfig,
+        *,
+        dtype: DType | None,
+        param_dtype: DType,
+        rngs: nnx.Rngs,
+        norm: dict[str, Any] | None = None,
+    ):
         self.use_res_connect = cfg.stride == 1 and cfg.input_channels == cfg.out_channels
         act = "hardswish" if cfg.use_hs else "relu"
-        common = dict(bn_eps=BN_EPS, bn_momentum=BN_MOMENTUM, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        common = dict(**(norm or MOBILENET_NORM), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         layers: list[nnx.Module] = []
         if cfg.expanded_channels != cfg.input_channels:
             layers.append(
@@ -221,19 +231,26 @@ def features_out_channels(table: Sequence[BlockConfig]) -> int:
 
 
 def mobilenet_v3_features(
-    table: Sequence[BlockConfig], *, dtype: DType | None, param_dtype: DType, rngs: nnx.Rngs
+    table: Sequence[BlockConfig],
+    *,
+    dtype: DType | None,
+    param_dtype: DType,
+    rngs: nnx.Rngs,
+    norm: dict[str, Any] | None = None,
 ) -> List:
     """torchvision's ``MobileNetV3.features``: stem, one InvertedResidual per row, last 1x1 conv.
 
     Classifiers, segmentation and detection models share it (torchvision numbers the layers the
-    same way in all of them).
+    same way in all of them). ``norm``: the BatchNorm keyword arguments of ConvNormActivation
+    (default MobileNetV3's eps 1e-3 / momentum 0.01; detection passes torch's defaults or frozen).
     """
-    common = dict(bn_eps=BN_EPS, bn_momentum=BN_MOMENTUM, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    norm = norm or MOBILENET_NORM
+    common = dict(**norm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     layers: list[nnx.Module] = [
         ConvNormActivation(3, table[0].input_channels, 3, stride=2, activation="hardswish", **common)
     ]
     for cfg in table:
-        layers.append(InvertedResidual(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+        layers.append(InvertedResidual(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, norm=norm))
     layers.append(
         ConvNormActivation(
             table[-1].out_channels, features_out_channels(table), 1, activation="hardswish", **common

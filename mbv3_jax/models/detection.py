@@ -1,0 +1,511 @@
+"""Faster R-CNN with a MobileNetV3-Large FPN backbone (torchvision's 800 px and 320 px models).
+
+Same modules, parameter names and semantics as ``torchvision.models.detection``:
+
+* transform: normalize, bilinear resize (no antialias) of each image so its shorter side is
+  ``min_size`` (longer side at most ``max_size``), zero-pad the batch to a multiple of 32;
+* backbone: ``features`` of MobileNetV3-Large (BatchNorm eps 1e-5, or FrozenBatchNorm2d for models
+  built from trained weights, as torchvision does), FPN over features[13] and features[16] (both
+  stride 32) plus a stride-64 max-pool level;
+* RPN: a shared 3x3 conv head, anchors 32..512 x ratios 0.5/1/2 on each level, per-level top-k,
+  sigmoid, clip, small-box and score filters, NMS per level;
+* RoI heads: RoIAlign 7x7 (sampling ratio 2, aligned=False; torchvision's level mapper sends every
+  box to the first FPN map here), TwoMLPHead, predictor, box decoding with its clamp,
+  per-class NMS, top ``box_detections_per_img``.
+
+The heavy part runs as one ``jax.jit`` program per padded batch shape with static sizes: fixed
+top-k, padded and masked NMS. Images are resized by small per-size programs first, so a stream
+of photos of a few sizes compiles a few programs, not one per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mbv3_jax.layers import Conv2d, DType, Linear, relu
+from mbv3_jax.models.mobilenetv3 import (
+    dump_architecture,
+    features_out_channels,
+    mobilenet_v3_config,
+    mobilenet_v3_features,
+    stage_indices,
+)
+from mbv3_jax.ops.anchors import AnchorGenerator
+from mbv3_jax.ops.boxes import BoxCoder, batched_nms_padded, clip_boxes_to_image, remove_small_boxes_mask
+from mbv3_jax.ops.interpolate import interpolate_bilinear
+from mbv3_jax.ops.roi_align import infer_scale, roi_align
+from mbv3_jax.runtime import List, Module, call_compiled
+
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+ANCHOR_SIZES = ((32, 64, 128, 256, 512),) * 3
+ASPECT_RATIOS = ((0.5, 1.0, 2.0),) * 3
+FPN_CHANNELS = 256
+SIZE_DIVISIBLE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class FasterRCNNConfig:
+    """torchvision ``FasterRCNN`` keyword arguments (defaults of ``fasterrcnn_mobilenet_v3_large_fpn``)."""
+
+    num_classes: int = 91
+    min_size: int = 800
+    max_size: int = 1333
+    image_mean: tuple[float, ...] = IMAGE_MEAN
+    image_std: tuple[float, ...] = IMAGE_STD
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    rpn_fg_iou_thresh: float = 0.7
+    rpn_bg_iou_thresh: float = 0.3
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_score_thresh: float = 0.05
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+    box_fg_iou_thresh: float = 0.5
+    box_bg_iou_thresh: float = 0.5
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    bbox_reg_weights: tuple[float, float, float, float] | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules
+
+
+class FeaturePyramidNetwork(Module):
+    """torchvision's FPN: 1x1 lateral convs, nearest top-down upsampling, 3x3 output convs."""
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int, *, kw: dict[str, Any]):
+        self.inner_blocks = List([Conv2d(c, out_channels, 1, **kw) for c in in_channels])
+        self.layer_blocks = List(
+            [Conv2d(out_channels, out_channels, 3, padding=1, **kw) for _ in in_channels]
+        )
+
+    def __call__(self, xs: Sequence[jax.Array]) -> list[jax.Array]:
+        last_inner = self.inner_blocks[-1](xs[-1])
+        results = [self.layer_blocks[-1](last_inner)]
+        for idx in range(len(xs) - 2, -1, -1):
+            lateral = self.inner_blocks[idx](xs[idx])
+            last_inner = lateral + _resize_nearest(last_inner, lateral.shape[1:3])
+            results.insert(0, self.layer_blocks[idx](last_inner))
+        # LastLevelMaxPool: max_pool2d(kernel 1, stride 2) == every other pixel.
+        results.append(results[-1][:, ::2, ::2, :])
+        return results
+
+
+def _resize_nearest(x: jax.Array, size: Sequence[int]) -> jax.Array:
+    """``F.interpolate(mode="nearest")``: source index floor(dst * in / out) in float32."""
+    for axis, out in ((1, int(size[0])), (2, int(size[1]))):
+        n = x.shape[axis]
+        if n != out:
+            scale = np.float32(n) / np.float32(out)
+            idx = np.minimum((np.arange(out, dtype=np.float32) * scale).astype(np.int64), n - 1)
+            x = jnp.take(x, idx, axis=axis)
+    return x
+
+
+class RPNHead(Module):
+    def __init__(self, in_channels: int, num_anchors: int, *, kw: dict[str, Any]):
+        self.conv = Conv2d(in_channels, in_channels, 3, padding=1, **kw)
+        self.cls_logits = Conv2d(in_channels, num_anchors, 1, **kw)
+        self.bbox_pred = Conv2d(in_channels, num_anchors * 4, 1, **kw)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        t = relu(self.conv(x))
+        return self.cls_logits(t), self.bbox_pred(t)
+
+
+class RPN(Module):
+    def __init__(self, head: RPNHead):
+        self.head = head
+
+
+class TwoMLPHead(Module):
+    """fc6 -> ReLU -> fc7 -> ReLU. fc6's rows are stored in (y, x, channel) order so the NHWC RoI
+    features flatten directly; the porting layer permutes torch's channel-major rows."""
+
+    def __init__(self, in_features: int, representation: int, *, kw: dict[str, Any]):
+        self.fc6 = Linear(in_features, representation, **kw)
+        self.fc7 = Linear(representation, representation, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return relu(self.fc7(relu(self.fc6(x.reshape(x.shape[0], -1)))))
+
+
+class FastRCNNPredictor(Module):
+    def __init__(self, in_channels: int, num_classes: int, *, kw: dict[str, Any]):
+        self.cls_score = Linear(in_channels, num_classes, **kw)
+        self.bbox_pred = Linear(in_channels, num_classes * 4, **kw)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class RoIHeads(Module):
+    def __init__(self, box_head: TwoMLPHead, box_predictor: FastRCNNPredictor):
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+
+
+class BackboneWithFPN(Module):
+    def __init__(self, body: List, fpn: FeaturePyramidNetwork, return_stages: tuple[int, ...]):
+        self.body = body
+        self.fpn = fpn
+        self.return_stages = return_stages
+
+    def __call__(self, x: jax.Array) -> list[jax.Array]:
+        feats = []
+        for i, layer in enumerate(self.body):
+            x = layer(x)
+            if i in self.return_stages:
+                feats.append(x)
+        return self.fpn(feats)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host-side transform (torchvision's GeneralizedRCNNTransform)
+
+
+def resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """Output size of torchvision's resize: ``floor(side * min(min_size/short, max_size/long))``."""
+    scale = min(min_size / min(h, w), max_size / max(h, w))  # Python floats, as torchvision
+    return int(math.floor(h * scale)), int(math.floor(w * scale))
+
+
+@partial(jax.jit, static_argnames=("size", "mean", "std"))
+def _normalize_and_resize(image: jax.Array, size: tuple[int, int], mean, std) -> jax.Array:
+    x = (image.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return interpolate_bilinear(x[None], size)[0]
+
+
+def _check_image_list(images: Any) -> list[Any]:
+    if hasattr(images, "ndim") and images.ndim == 3:
+        raise TypeError("expected a list of HWC images, got a single array: wrap it in a list")
+    images = list(images)
+    if not images:
+        raise ValueError("expected at least one image")
+    for i, img in enumerate(images):
+        shape = getattr(img, "shape", None)
+        if shape is None or len(shape) != 3 or shape[-1] != 3:
+            raise ValueError(f"image {i}: expected an HWC float array with 3 channels, got shape {shape}")
+        if not jnp.issubdtype(img.dtype, jnp.floating):
+            raise TypeError(f"image {i}: expected float pixels in [0, 1], got dtype {img.dtype}")
+    return images
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+
+
+class FasterRCNN(Module):
+    """``model(images)`` in eval mode: a list (one per image) of {"boxes", "scores", "labels"} with
+    boxes (x1, y1, x2, y2) in the original image's pixels. Images: HWC float in [0, 1], any sizes.
+
+    Like torchvision, a new model is in train mode: call ``.eval()`` for inference.
+    """
+
+    def __init__(
+        self,
+        builder: str,
+        kwargs: dict[str, Any],
+        config: FasterRCNNConfig,
+        *,
+        frozen_batchnorm: bool,
+        dtype: DType | None,
+        param_dtype: DType,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        table, _ = mobilenet_v3_config("mobilenet_v3_large", 1.0, False, False)
+        norm = dict(bn_eps=1e-5, bn_momentum=0.1, norm="frozen" if frozen_batchnorm else "batch")
+        body = mobilenet_v3_features(table, dtype=dtype, param_dtype=param_dtype, rngs=rngs, norm=norm)
+        stages = stage_indices(table)
+        returned = (stages[-2], stages[-1])  # torchvision's _mobilenet_extractor: the last two stages
+        in_channels = [table[stages[-2] - 1].out_channels, features_out_channels(table)]
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.backbone = BackboneWithFPN(
+            body, FeaturePyramidNetwork(in_channels, FPN_CHANNELS, kw=kw), returned
+        )
+        self.anchor_generator = AnchorGenerator(ANCHOR_SIZES, ASPECT_RATIOS)
+        num_anchors = self.anchor_generator.num_anchors_per_location()[0]
+        self.rpn = RPN(RPNHead(FPN_CHANNELS, num_anchors, kw=kw))
+        self.roi_heads = RoIHeads(
+            TwoMLPHead(FPN_CHANNELS * 7 * 7, 1024, kw=kw),
+            FastRCNNPredictor(1024, config.num_classes, kw=kw),
+        )
+        self.num_classes = config.num_classes
+        self.dtype = dtype
+        self.architecture_json = dump_architecture({"builder": builder, "kwargs": kwargs}, dtype, param_dtype)
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        return json.loads(self.architecture_json)
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence[Any]) -> tuple[jax.Array, np.ndarray, list[tuple[int, int]]]:
+        """(padded normalized NHWC batch, resized (h, w) per image, original (h, w) per image)."""
+        images = _check_image_list(images)
+        cfg = self.config
+        resized, sizes, originals = [], [], []
+        for img in images:
+            h, w = int(img.shape[0]), int(img.shape[1])
+            size = resized_size(h, w, cfg.min_size, cfg.max_size)
+            resized.append(_normalize_and_resize(jnp.asarray(img), size, cfg.image_mean, cfg.image_std))
+            sizes.append(size)
+            originals.append((h, w))
+        pad_h = int(math.ceil(max(s[0] for s in sizes) / SIZE_DIVISIBLE) * SIZE_DIVISIBLE)
+        pad_w = int(math.ceil(max(s[1] for s in sizes) / SIZE_DIVISIBLE) * SIZE_DIVISIBLE)
+        batch = jnp.stack(
+            [jnp.pad(r, ((0, pad_h - r.shape[0]), (0, pad_w - r.shape[1]), (0, 0))) for r in resized]
+        )
+        return batch, np.asarray(sizes, np.int32), originals
+
+    def __call__(self, images: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+        if self._training():
+            raise NotImplementedError(
+                "train-mode losses are not implemented yet; call model.eval() for detections"
+            )
+        batch, sizes, originals = self.preprocess(images)
+        out = self.detect_batch(batch, sizes)
+        results = []
+        for i, (orig, size) in enumerate(zip(originals, sizes, strict=True)):
+            n = int(out["num_detections"][i])
+            boxes = np.asarray(out["boxes"][i, :n])
+            # torchvision's resize_boxes: ratios original / resized in float32.
+            ratio_h = np.float32(orig[0]) / np.float32(size[0])
+            ratio_w = np.float32(orig[1]) / np.float32(size[1])
+            boxes = boxes * np.array([ratio_w, ratio_h, ratio_w, ratio_h], np.float32)
+            results.append(
+                {
+                    "boxes": boxes,
+                    "scores": np.asarray(out["scores"][i, :n]),
+                    "labels": np.asarray(out["labels"][i, :n]),
+                }
+            )
+        return results
+
+    def detect_batch(self, batch: jax.Array, image_sizes: np.ndarray) -> dict[str, jax.Array]:
+        """Fixed-size detections for a preprocessed batch (compiled per padded shape)."""
+        # RoIAlign's scale: torchvision infers it from the feature size and the largest image.
+        max_hw = (int(np.max(image_sizes[:, 0])), int(np.max(image_sizes[:, 1])))
+        return call_compiled(self, "forward_detect", batch, jnp.asarray(image_sizes), static_args=(max_hw,))
+
+    def rpn_proposals(self, batch: jax.Array, image_sizes: np.ndarray) -> dict[str, jax.Array]:
+        """The RPN's outputs: decoded proposals before NMS (per-level top-k) and after NMS."""
+        return call_compiled(self, "forward_rpn", batch, jnp.asarray(image_sizes))
+
+    # -- traceable implementations ----------------------------------------------------------------
+
+    def _anchors(self, batch_hw: tuple[int, int], feats: Sequence[jax.Array]) -> np.ndarray:
+        return self.anchor_generator(batch_hw, [f.shape[1:3] for f in feats])
+
+    def _rpn(self, feats: Sequence[jax.Array], batch_hw: tuple[int, int], image_sizes: jax.Array):
+        cfg = self.config
+        n = feats[0].shape[0]
+        logits, deltas, per_level = [], [], []
+        for f in feats:
+            lg, dl = self.rpn.head(f)
+            logits.append(lg.reshape(n, -1))
+            deltas.append(dl.reshape(n, -1, 4))
+            per_level.append(lg.shape[1] * lg.shape[2] * lg.shape[3])
+        objectness = jnp.concatenate(logits, axis=1).astype(jnp.float32)
+        anchors = jnp.asarray(self._anchors(batch_hw, feats))
+        coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        rel = jnp.concatenate(deltas, axis=1).astype(jnp.float32)
+        proposals = jax.vmap(lambda d: coder.decode_single(d, anchors))(rel)
+        pre_n = cfg.rpn_pre_nms_top_n_test if not self._training() else cfg.rpn_pre_nms_top_n_train
+        post_n = cfg.rpn_post_nms_top_n_test if not self._training() else cfg.rpn_post_nms_top_n_train
+
+        # Per level top-k of the logits (torchvision's _get_top_n_idx), then one candidate list.
+        idx, lvl = [], []
+        offset = 0
+        for level, count in enumerate(per_level):
+            k = min(pre_n, count)
+            _, top = jax.lax.top_k(objectness[:, offset : offset + count], k)
+            idx.append(top + offset)
+            lvl.append(np.full((k,), level, np.int32))
+            offset += count
+        idx = jnp.concatenate(idx, axis=1)
+        levels = jnp.asarray(np.concatenate(lvl))
+        cand_boxes = jnp.take_along_axis(proposals, idx[..., None], axis=1)
+        cand_scores = jax.nn.sigmoid(jnp.take_along_axis(objectness, idx, axis=1))
+
+        def filter_one(boxes, scores, size):
+            boxes = clip_boxes_to_image(boxes, size)
+            valid = remove_small_boxes_mask(boxes, 1e-3) & (scores >= cfg.rpn_score_thresh)
+            keep, count = batched_nms_padded(boxes, scores, levels, valid, cfg.rpn_nms_thresh, post_n)
+            safe = jnp.maximum(keep, 0)
+            ok = jnp.arange(post_n) < count
+            kept_boxes = jnp.where(ok[:, None], boxes[safe], 0.0)
+            return boxes, valid, kept_boxes, jnp.where(ok, scores[safe], 0.0), count
+
+        clipped, valid, kept_boxes, kept_scores, counts = jax.vmap(filter_one)(
+            cand_boxes, cand_scores, image_sizes
+        )
+        return dict(
+            candidates=clipped,  # per-level top-k, decoded and clipped: what NMS sees where valid
+            candidate_scores=cand_scores,
+            candidate_valid=valid,
+            proposals=kept_boxes,
+            proposal_scores=kept_scores,
+            num_proposals=counts,
+        )
+
+    def _training(self) -> bool:
+        return not all(getattr(m, "use_running_average", True) for _, m in nnx.iter_modules(self))
+
+    def forward_rpn(self, batch: jax.Array, image_sizes: jax.Array) -> dict[str, jax.Array]:
+        feats = self.backbone(batch)
+        return self._rpn(feats, batch.shape[1:3], image_sizes)
+
+    def forward_detect(self, batch: jax.Array, image_sizes: jax.Array, max_hw: tuple[int, int]):
+        cfg = self.config
+        feats = self.backbone(batch)
+        rpn = self._rpn(feats, batch.shape[1:3], image_sizes)
+        proposals, counts = rpn["proposals"], rpn["num_proposals"]
+        n, k = proposals.shape[:2]
+        # MultiScaleRoIAlign over maps "0" and "1" (both stride 32): the level mapper's range is a
+        # single level, so every box is pooled from map "0" (torchvision's own result here).
+        scales = [infer_scale(f.shape[1:3], max_hw) for f in feats[:2]]
+        if scales[0] != scales[1]:
+            raise NotImplementedError(f"FPN maps at different scales {scales}: not this backbone")
+        batch_idx = jnp.repeat(jnp.arange(n, dtype=jnp.float32), k)
+        rois = jnp.concatenate([batch_idx[:, None], proposals.reshape(-1, 4)], axis=1)
+        pooled = roi_align(feats[0], rois, (7, 7), scales[0], 2, aligned=False)
+        class_logits, box_regression = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
+        class_logits = class_logits.astype(jnp.float32).reshape(n, k, -1)
+        box_regression = box_regression.astype(jnp.float32).reshape(n, k, -1, 4)
+        coder = BoxCoder(cfg.bbox_reg_weights or (10.0, 10.0, 5.0, 5.0))
+        num_classes = class_logits.shape[-1]
+        det_n = cfg.box_detections_per_img
+
+        def postprocess_one(logits, regression, props, count, size):
+            boxes = coder.decode_single(regression.reshape(-1, 4), jnp.repeat(props, num_classes, axis=0))
+            boxes = clip_boxes_to_image(boxes, size).reshape(k, num_classes, 4)
+            scores = jax.nn.softmax(logits, axis=-1)
+            labels = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32), (k, num_classes))
+            boxes, scores, labels = (
+                boxes[:, 1:].reshape(-1, 4),
+                scores[:, 1:].reshape(-1),
+                labels[:, 1:].reshape(-1),
+            )
+            proposal_ok = jnp.repeat(jnp.arange(k) < count, num_classes - 1)
+            valid = proposal_ok & (scores > cfg.box_score_thresh) & remove_small_boxes_mask(boxes, 1e-2)
+            keep, kept = batched_nms_padded(boxes, scores, labels, valid, cfg.box_nms_thresh, det_n)
+            safe = jnp.maximum(keep, 0)
+            ok = jnp.arange(det_n) < kept
+            return (
+                jnp.where(ok[:, None], boxes[safe], 0.0),
+                jnp.where(ok, scores[safe], 0.0),
+                jnp.where(ok, labels[safe], 0),
+                kept,
+            )
+
+        boxes, scores, labels, num = jax.vmap(postprocess_one)(
+            class_logits, box_regression, proposals, counts, image_sizes
+        )
+        return dict(boxes=boxes, scores=scores, labels=labels, num_detections=num)
+
+
+# ------------------------------------------------------------------------------------------------
+# Builders
+
+
+_320_DEFAULTS = dict(min_size=320, max_size=640, rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=150)
+
+
+def _faster_rcnn(builder: str, args: dict[str, Any], defaults: dict[str, Any]) -> FasterRCNN:
+    args = dict(args)
+    weights, weights_backbone = args.pop("weights"), args.pop("weights_backbone")
+    dtype, param_dtype, rngs, seed = (
+        args.pop("dtype"),
+        args.pop("param_dtype"),
+        args.pop("rngs"),
+        args.pop("seed"),
+    )
+    frozen = args.pop("frozen_batchnorm")
+    if weights is not None or weights_backbone is not None:
+        raise ValueError(
+            f"{builder}(weights=...) needs torch: use porting.load_torchvision({builder!r}, ...) to convert "
+            "torchvision weights, or mbv3_jax.load(directory) for a saved model"
+        )
+    extra = args.pop("kwargs")
+    unknown = set(extra) - {f.name for f in dataclasses.fields(FasterRCNNConfig)}
+    if unknown:
+        raise TypeError(f"{builder}: unexpected keyword arguments {sorted(unknown)}")
+    num_classes = args.pop("num_classes") or 91
+    trainable = args.pop("trainable_backbone_layers")
+    if trainable is not None and not 0 <= trainable <= 6:
+        raise ValueError(f"trainable_backbone_layers should be in [0, 6], got {trainable}")
+    options = {**defaults, **extra, "num_classes": num_classes}
+    config = FasterRCNNConfig(**options)
+    record = {"num_classes": num_classes, "frozen_batchnorm": bool(frozen), **extra}
+    if trainable is not None:
+        record["trainable_backbone_layers"] = trainable
+    model = FasterRCNN(
+        builder,
+        record,
+        config,
+        frozen_batchnorm=bool(frozen),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs if rngs is not None else nnx.Rngs(seed),
+    )
+    # torchvision: 3 trainable stages by default with pretrained weights, all 6 from scratch.
+    model.trainable_backbone_layers = trainable if trainable is not None else (3 if frozen else 6)
+    return model
+
+
+def fasterrcnn_mobilenet_v3_large_fpn(
+    *,
+    weights: Any = None,
+    num_classes: int | None = None,
+    weights_backbone: Any = None,
+    trainable_backbone_layers: int | None = None,
+    frozen_batchnorm: bool = False,
+    dtype: DType | None = None,
+    param_dtype: DType = jnp.float32,
+    rngs: nnx.Rngs | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> FasterRCNN:
+    """Faster R-CNN, MobileNetV3-Large FPN, 800 px (torchvision's arguments; ``kwargs`` are
+    ``FasterRCNN``'s: min_size, max_size, rpn_* and box_* thresholds and top-n, ...).
+
+    ``frozen_batchnorm``: torchvision uses FrozenBatchNorm2d when built from trained weights (what
+    ``porting.load_torchvision`` does for detection checkpoints) and BatchNorm2d otherwise.
+    """
+    return _faster_rcnn("fasterrcnn_mobilenet_v3_large_fpn", locals(), {})
+
+
+def fasterrcnn_mobilenet_v3_large_320_fpn(
+    *,
+    weights: Any = None,
+    num_classes: int | None = None,
+    weights_backbone: Any = None,
+    trainable_backbone_layers: int | None = None,
+    frozen_batchnorm: bool = False,
+    dtype: DType | None = None,
+    param_dtype: DType = jnp.float32,
+    rngs: nnx.Rngs | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> FasterRCNN:
+    """The low-resolution variant: min_size 320, max_size 640, RPN top-n 150 before and after NMS."""
+    return _faster_rcnn("fasterrcnn_mobilenet_v3_large_320_fpn", locals(), _320_DEFAULTS)
