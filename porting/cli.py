@@ -16,13 +16,14 @@ from mbv3_jax import transforms
 from mbv3_jax.models import list_models
 from porting.calibration import (
     PHOTO_NAMES,
+    calibrated_detector_,
     calibrated_random_weights_,
     classification_inputs,
     group_by_shape,
     sample_photos,
     segmentation_inputs,
 )
-from porting.parity import ParityReport, format_table, run_parity
+from porting.parity import ParityReport, format_table, run_detection_parity, run_parity
 from porting.torchvision_io import build_torchvision_model, load_torchvision, resolve_weights
 
 
@@ -52,6 +53,7 @@ def _eval_sizes(weights_enum: Any) -> tuple[int, int]:
     return 256, 224
 
 
+DETECTION_MODELS = ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn")
 SEGMENTATION_MODELS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_mobilenet_v3_large")
 
 
@@ -84,6 +86,19 @@ def parity_for(
     enum = None
     if weights is not None:
         state_dict, enum, _ = resolve_weights(name, weights)
+    if name in DETECTION_MODELS:
+        if weights is None:
+            images = [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in photos]
+            tv = calibrated_detector_(_fresh_torchvision(name, kwargs), images, seed=seed)
+            state_dict = tv.state_dict()
+        model = load_torchvision(name, state_dict, **kwargs)
+        tv = build_torchvision_model(model.architecture)
+        tv.load_state_dict(state_dict)
+        report = run_detection_parity(
+            name, tv, model, photos, timing_repeats=timing_repeats, keep_outputs=keep_outputs
+        )
+        # The detection transform is part of the model (checked in the parity tests).
+        return ParityRun(report, 0.0, list(range(len(photos))))
     if name in SEGMENTATION_MODELS:
         resize = int(enum.transforms().resize_size[0]) if enum is not None else 520
         groups = group_by_shape(segmentation_inputs(photos, resize))
@@ -145,7 +160,8 @@ def parity_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--save-figures",
         metavar="DIR",
-        help="write a PNG per photo and model: segmentation masks (photo | torchvision | JAX | difference)",
+        help="write a PNG per photo and model: segmentation masks (photo | torchvision | JAX | difference), "
+        "detections (torchvision's boxes | JAX's boxes)",
     )
     _add_builder_options(parser)
     args = parser.parse_args(argv)
@@ -163,7 +179,7 @@ def parity_main(argv: list[str] | None = None) -> int:
     for i, name in enumerate(names, 1):
         _log(f"[{i}/{len(names)}] {name}: building, calibrating, compiling, comparing ...")
         kwargs = _builder_kwargs(args)
-        if name in SEGMENTATION_MODELS:
+        if name in SEGMENTATION_MODELS or name in DETECTION_MODELS:
             kwargs = {k: v for k, v in kwargs.items() if k == "num_classes"}
         run = parity_for(
             name,
@@ -180,6 +196,9 @@ def parity_main(argv: list[str] | None = None) -> int:
         if args.save_figures and name in SEGMENTATION_MODELS:
             for path in _save_segmentation_figures(Path(args.save_figures), name, run, photos, photo_names):
                 _log(f"    wrote {path}")
+        if args.save_figures and name in DETECTION_MODELS:
+            for path in _save_detection_figures(Path(args.save_figures), name, run, photos, photo_names):
+                _log(f"    wrote {path}")
     print(
         f"{len(photos)} photos from scikit-image at each model's eval preset, fp32, "
         "matmul precision 'highest'; "
@@ -193,6 +212,20 @@ def parity_main(argv: list[str] | None = None) -> int:
             for c in r.comparisons:
                 print(f"  {c.name:<14} {str(c.shape):<22} max abs {c.max_abs:.2e}  rel {c.relative:.1e}")
     return 0
+
+
+def _save_detection_figures(
+    directory: Path, name: str, run: ParityRun, photos: list[np.ndarray], photo_names: list[str]
+) -> list[Path]:
+    from porting.figures import detection_figure
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (ref, got), paths = run.report.outputs[0], []
+    for i, (r, g) in enumerate(zip(ref, got, strict=True)):
+        path = directory / f"{name}_{photo_names[i]}.png"
+        detection_figure(photos[i], r, g, title=f"{name} on {photo_names[i]}").save(path)
+        paths.append(path)
+    return paths
 
 
 def _pre(run: ParityRun) -> str:

@@ -56,3 +56,32 @@ def segmentation_figure(
     if title:
         ImageDraw.Draw(figure).text((6, 6), title, fill="black")
     return figure
+
+
+def _draw_detections(photo: np.ndarray, dets: dict[str, np.ndarray], title: str, top: int) -> Image.Image:
+    image = Image.fromarray(photo).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    palette = voc_palette()
+    for box, score, label in list(zip(dets["boxes"], dets["scores"], dets["labels"], strict=True))[:top]:
+        colour = tuple(int(c) for c in palette[1 + int(label) % 255])
+        x1, y1, x2, y2 = (float(v) for v in box)
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
+        draw.text((x1 + 3, y1 + 2), f"{int(label)}:{float(score):.3f}", fill=colour)
+    return _titled(image, f"{title}: {len(dets['boxes'])} detections (top {top} drawn)")
+
+
+def detection_figure(
+    photo: np.ndarray, ref: dict[str, np.ndarray], got: dict[str, np.ndarray], title: str = "", top: int = 15
+) -> Image.Image:
+    """photo with torchvision's boxes | photo with mbv3_jax's boxes (label:score, top ``top``)."""
+    panels = [_draw_detections(photo, ref, "torchvision", top), _draw_detections(photo, got, "mbv3_jax", top)]
+    gap = 8
+    width = sum(p.width for p in panels) + gap
+    figure = Image.new("RGB", (width, panels[0].height + (24 if title else 0)), "white")
+    x, y = 0, 24 if title else 0
+    for p in panels:
+        figure.paste(p, (x, y))
+        x += p.width + gap
+    if title:
+        ImageDraw.Draw(figure).text((6, 6), title, fill="black")
+    return figure

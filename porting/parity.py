@@ -361,3 +361,57 @@ def match_detections(
         & (np.abs(rs[:, None] - gs[None, :]) <= score_tol)
     )
     return int(ok.any(axis=1).sum()), len(rb)
+
+
+def _matched_pairs(ref: dict[str, Any], got: dict[str, Any], iou: float) -> list[tuple[int, int]]:
+    """(ref index, got index) of the best same-label IoU match of each ref detection, if >= ``iou``."""
+    rb, rl, gb, gl = (np.asarray(x) for x in (ref["boxes"], ref["labels"], got["boxes"], got["labels"]))
+    if len(rb) == 0 or len(gb) == 0:
+        return []
+    ious = np.where(rl[:, None] == gl[None, :], _iou_matrix(rb, gb), -1.0)
+    best = np.argmax(ious, axis=1)
+    return [(i, int(j)) for i, j in enumerate(best) if ious[i, j] >= iou]
+
+
+def run_detection_parity(
+    name: str,
+    tv_model: torch.nn.Module,
+    jax_model: nnx.Module,
+    photos: Sequence[np.ndarray],
+    *,
+    timing_repeats: int = 0,
+    keep_outputs: bool = False,
+) -> ParityReport:
+    """Both detectors (eval) on uint8 HWC photos as one batch: detections matched both ways (same
+    label, IoU >= 0.99, |score diff| <= 1e-4), and the box / score errors of the matched pairs."""
+    tv_model.eval()
+    jax_model.eval()
+    images_t = [torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1).float() / 255 for p in photos]
+    images_j = [np.asarray(p, np.float32) / np.float32(255) for p in photos]
+    with torch.no_grad():
+        ref = [{k: v.numpy() for k, v in r.items()} for r in tv_model(images_t)]
+    got = jax_model(images_j)
+    agreements = {"torchvision dets matched": (0, 0), "JAX dets matched": (0, 0)}
+    box_err = score_err = box_scale = 0.0
+    for r, g in zip(ref, got, strict=True):
+        for key, (a, b) in (("torchvision dets matched", (r, g)), ("JAX dets matched", (g, r))):
+            m, t = match_detections(a, b)
+            agreements[key] = (agreements[key][0] + m, agreements[key][1] + t)
+        for i, j in _matched_pairs(r, g, 0.99):
+            box_err = max(box_err, float(np.max(np.abs(r["boxes"][i] - g["boxes"][j]))))
+            score_err = max(score_err, float(abs(r["scores"][i] - g["scores"][j])))
+        if len(r["boxes"]):
+            box_scale = max(box_scale, float(np.max(np.abs(r["boxes"]))))
+    n = sum(len(r["boxes"]) for r in ref)
+    comparisons = [
+        Comparison("boxes", (n, 4), box_err, box_scale),
+        Comparison("scores", (n,), score_err, 1.0),
+    ]
+    report = ParityReport(name, count_params(jax_model), (len(photos),), comparisons, "boxes", agreements)
+    if keep_outputs:
+        report.outputs = [(ref, got)]
+    if timing_repeats:
+        report.jax_seconds = median_seconds(lambda: jax_model(images_j), timing_repeats)
+        with torch.inference_mode():
+            report.torch_seconds = median_seconds(lambda: tv_model(images_t), timing_repeats)
+    return report
