@@ -28,6 +28,18 @@ def _titled(panel: Image.Image, title: str) -> Image.Image:
     return out
 
 
+def _side_by_side(panels: list[Image.Image], title: str, gap: int = 8) -> Image.Image:
+    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    figure = Image.new("RGB", (width, max(p.height for p in panels) + (24 if title else 0)), "white")
+    x, y = 0, 24 if title else 0
+    for p in panels:
+        figure.paste(p, (x, y))
+        x += p.width + gap
+    if title:
+        ImageDraw.Draw(figure).text((6, 6), title, fill="black")
+    return figure
+
+
 def segmentation_figure(
     photo: np.ndarray, ref_mask: np.ndarray, got_mask: np.ndarray, title: str = ""
 ) -> Image.Image:
@@ -46,16 +58,7 @@ def segmentation_figure(
         _titled(Image.fromarray(palette[got_mask % 256]), "mbv3_jax"),
         _titled(Image.fromarray(diff), f"differ: {n_diff} of {h * w} px ({100 * n_diff / (h * w):.4f}%)"),
     ]
-    gap = 8
-    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
-    figure = Image.new("RGB", (width, panels[0].height + (24 if title else 0)), "white")
-    x, y = 0, 24 if title else 0
-    for p in panels:
-        figure.paste(p, (x, y))
-        x += p.width + gap
-    if title:
-        ImageDraw.Draw(figure).text((6, 6), title, fill="black")
-    return figure
+    return _side_by_side(panels, title)
 
 
 def _draw_detections(photo: np.ndarray, dets: dict[str, np.ndarray], title: str, top: int) -> Image.Image:
@@ -75,13 +78,4 @@ def detection_figure(
 ) -> Image.Image:
     """photo with torchvision's boxes | photo with mbv3_jax's boxes (label:score, top ``top``)."""
     panels = [_draw_detections(photo, ref, "torchvision", top), _draw_detections(photo, got, "mbv3_jax", top)]
-    gap = 8
-    width = sum(p.width for p in panels) + gap
-    figure = Image.new("RGB", (width, panels[0].height + (24 if title else 0)), "white")
-    x, y = 0, 24 if title else 0
-    for p in panels:
-        figure.paste(p, (x, y))
-        x += p.width + gap
-    if title:
-        ImageDraw.Draw(figure).text((6, 6), title, fill="black")
-    return figure
+    return _side_by_side(panels, title)

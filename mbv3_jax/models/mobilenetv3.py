@@ -259,6 +259,18 @@ def mobilenet_v3_features(
     return List(layers)
 
 
+def run_stages(layers: Sequence[nnx.Module], x: jax.Array, stages: tuple[int, ...]) -> dict[int, jax.Array]:
+    """Outputs of ``layers[i]`` for i in ``stages`` (sorted), stopping after the deepest one."""
+    out = {}
+    for i, layer in enumerate(layers):
+        x = layer(x)
+        if i in stages:
+            out[i] = x
+        if i >= stages[-1]:
+            break
+    return out
+
+
 def stage_indices(table: Sequence[BlockConfig]) -> list[int]:
     """torchvision's C0..Cn positions in ``features``: the stem, each block whose depthwise conv
     has stride > 1 (``_is_cn``), and the last layer."""
@@ -355,14 +367,7 @@ class MobileNetV3(Module):
         return self._in_micro_batches(self._logits, x)
 
     def _features(self, x: jax.Array, stages: tuple[int, ...]) -> dict[int, jax.Array]:
-        out = {}
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in stages:
-                out[i] = x
-            if i >= stages[-1]:
-                break
-        return out
+        return run_stages(self.features, x, stages)
 
     def _logits(self, x: jax.Array) -> jax.Array:
         for layer in self.features:

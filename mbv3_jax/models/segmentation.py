@@ -26,6 +26,7 @@ from mbv3_jax.models.mobilenetv3 import (
     features_out_channels,
     mobilenet_v3_config,
     mobilenet_v3_features,
+    run_stages,
     stage_indices,
 )
 from mbv3_jax.ops import interpolate_bilinear
@@ -153,14 +154,7 @@ class SegmentationModel(Module):
         return {k: interpolate_bilinear(v, size) for k, v in heads.items()}
 
     def forward_features(self, x: jax.Array, stages: tuple[int, ...]) -> dict[int, jax.Array]:
-        out = {}
-        for i, layer in enumerate(self.backbone):
-            x = layer(x)
-            if i in stages:
-                out[i] = x
-            if i >= stages[-1]:
-                break
-        return out
+        return run_stages(self.backbone, x, stages)
 
     def _heads(self, low: jax.Array, high: jax.Array) -> dict[str, jax.Array]:
         raise NotImplementedError
