@@ -503,3 +503,79 @@ def test_default_box_generator_matches_torchvision(kwargs, image_hw, feature_hws
     got = DefaultBoxGenerator(**kwargs)(image_hw, feature_hws)
     assert got.shape == ref.shape == (count, 4)
     np.testing.assert_array_equal(got, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# Matcher, SSDMatcher, balanced sampler
+
+
+def _case_id(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _quality_cases():
+    rng = np.random.default_rng(7)
+    gt = _random_boxes(rng, 5, extent=80.0, max_size=50.0, grid=2)
+    preds = np.concatenate([_random_boxes(rng, 300, grid=2), gt[:2], gt[:1]])  # exact copies: ties
+    yield "random", np.asarray(tv_boxes.box_iou(_t(gt), _t(preds)))
+    far = np.array([[500, 500, 510, 510]], F32)  # a gt that overlaps nothing: highest quality 0
+    yield "gt without overlap", np.asarray(tv_boxes.box_iou(_t(np.concatenate([gt, far])), _t(preds)))
+    lattice = np.round(rng.uniform(0, 1, (4, 60)) * 4) / 4  # many exact ties and threshold values
+    yield "lattice", lattice.astype(F32)
+
+
+@pytest.mark.parametrize("name,quality", list(_quality_cases()), ids=_case_id)
+@pytest.mark.parametrize("high,low,allow", [(0.7, 0.3, True), (0.5, 0.5, False), (0.5, 0.25, False)])
+def test_matcher_matches_torchvision(name, quality, high, low, allow):
+    from torchvision.models.detection._utils import Matcher as TorchMatcher
+
+    from mbv3_jax.ops.matcher import match
+
+    ref = TorchMatcher(high, low, allow)(_t(quality)).numpy()
+    g = quality.shape[0]
+    # Padded: two extra gt rows and 7 extra predictions that must not change anything.
+    padded = np.pad(quality, ((0, 2), (0, 7)), constant_values=0.9)
+    gt_valid = np.arange(g + 2) < g
+    pred_valid = np.arange(quality.shape[1] + 7) < quality.shape[1]
+    got = match(jnp.asarray(padded), jnp.asarray(gt_valid), high, low, allow, jnp.asarray(pred_valid))
+    got = np.asarray(got)
+    np.testing.assert_array_equal(got[: quality.shape[1]], ref)
+    unpadded = np.asarray(match(jnp.asarray(quality), jnp.ones(g, bool), high, low, allow))
+    np.testing.assert_array_equal(unpadded, ref)
+
+
+def test_matcher_without_ground_truth_is_all_background():
+    from mbv3_jax.ops.matcher import match
+
+    got = match(jnp.full((3, 10), 0.8), jnp.zeros(3, bool), 0.7, 0.3, True)
+    np.testing.assert_array_equal(np.asarray(got), -1)
+
+
+@pytest.mark.parametrize("name,quality", list(_quality_cases()), ids=_case_id)
+def test_ssd_matcher_matches_torchvision(name, quality):
+    from torchvision.models.detection._utils import SSDMatcher
+
+    from mbv3_jax.ops.matcher import ssd_match
+
+    ref = SSDMatcher(0.5)(_t(quality)).numpy()
+    g = quality.shape[0]
+    padded = np.pad(quality, ((0, 3), (0, 0)), constant_values=1.0)
+    got = ssd_match(jnp.asarray(padded), jnp.asarray(np.arange(g + 3) < g), 0.5)
+    np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+def test_balanced_sampler_counts_and_take_all():
+    from mbv3_jax.ops.matcher import balanced_sample
+
+    labels = np.random.default_rng(3).integers(-1, 3, 400)
+    pos, neg = jnp.asarray(labels >= 1), jnp.asarray(labels == 0)
+    key = jax.random.key(0)
+    sp, sn = balanced_sample(pos, neg, 64, 0.25, key)
+    assert int(sp.sum()) == 16 and int(sn.sum()) == 48
+    assert not np.any(np.asarray(sp) & ~np.asarray(pos)) and not np.any(np.asarray(sn) & ~np.asarray(neg))
+    sp2, _ = balanced_sample(pos, neg, 64, 0.25, jax.random.key(1))
+    assert not np.array_equal(np.asarray(sp), np.asarray(sp2))  # a random draw
+    # torchvision's counts when there are too few positives: the rest are negatives.
+    sp, sn = balanced_sample(pos, neg, 10_000, 0.5, key)
+    np.testing.assert_array_equal(np.asarray(sp), np.asarray(pos))
+    np.testing.assert_array_equal(np.asarray(sn), np.asarray(neg))

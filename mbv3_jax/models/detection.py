@@ -13,6 +13,10 @@ Same modules, parameter names and semantics as ``torchvision.models.detection``:
   box to the first FPN map here), TwoMLPHead, predictor, box decoding with its clamp,
   per-class NMS, top ``box_detections_per_img``.
 
+Train mode (``model.train()``, ``model(images, targets)``) returns torchvision's four losses:
+anchors and proposals (plus the ground-truth boxes) matched by IoU, positives and negatives drawn by
+the balanced sampler, smooth-L1 and cross-entropy; no gradient flows through the proposals.
+
 The heavy part runs as one ``jax.jit`` program per padded batch shape with static sizes: fixed
 top-k, padded and masked NMS. Images are resized by small per-size programs first, so a stream
 of photos of a few sizes compiles a few programs, not one per call.
@@ -41,8 +45,15 @@ from mbv3_jax.models.mobilenetv3 import (
     stage_indices,
 )
 from mbv3_jax.ops.anchors import AnchorGenerator
-from mbv3_jax.ops.boxes import BoxCoder, batched_nms_padded, clip_boxes_to_image, remove_small_boxes_mask
+from mbv3_jax.ops.boxes import (
+    BoxCoder,
+    batched_nms_padded,
+    box_iou,
+    clip_boxes_to_image,
+    remove_small_boxes_mask,
+)
 from mbv3_jax.ops.interpolate import interpolate_bilinear
+from mbv3_jax.ops.matcher import BELOW_LOW_THRESHOLD, balanced_sample, match
 from mbv3_jax.ops.roi_align import infer_scale, roi_align
 from mbv3_jax.runtime import List, Module, call_compiled
 
@@ -250,6 +261,8 @@ class FasterRCNN(Module):
         )
         self.num_classes = config.num_classes
         self.dtype = dtype
+        self.deterministic = False  # a new model is in train mode, as in torchvision
+        self._sampler = _SamplerSeed()
         self.architecture_json = dump_architecture({"builder": builder, "kwargs": kwargs}, dtype, param_dtype)
 
     @property
@@ -276,11 +289,28 @@ class FasterRCNN(Module):
         )
         return batch, np.asarray(sizes, np.int32), originals
 
-    def __call__(self, images: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+    def __call__(
+        self,
+        images: Sequence[Any],
+        targets: Sequence[dict[str, Any]] | None = None,
+        *,
+        key: jax.Array | None = None,
+    ) -> list[dict[str, np.ndarray]] | dict[str, jax.Array]:
+        """Eval mode: detections per image. Train mode: torchvision's four losses for ``targets``
+        (per image {"boxes": (G, 4) x1 y1 x2 y2 in the image's pixels, "labels": (G,) ints}).
+
+        ``key`` seeds the train-mode samplers; without it each call draws a new one from the
+        model's seed. For gradients, use :meth:`training_batch` and :meth:`forward_train`.
+        """
         if self._training():
-            raise NotImplementedError(
-                "train-mode losses are not implemented yet; call model.eval() for detections"
-            )
+            if targets is None:
+                raise ValueError(
+                    "in train mode targets should be passed (or call model.eval() for detections)"
+                )
+            inputs, max_hw = self.training_batch(images, targets)
+            if key is None:
+                key = self._sampler.next_key()
+            return call_compiled(self, "forward_train", *inputs, key, static_args=(max_hw,))
         batch, sizes, originals = self.preprocess(images)
         out = self.detect_batch(batch, sizes)
         results = []
@@ -310,13 +340,50 @@ class FasterRCNN(Module):
         """The RPN's outputs: decoded proposals before NMS (per-level top-k) and after NMS."""
         return call_compiled(self, "forward_rpn", batch, jnp.asarray(image_sizes))
 
+    def training_batch(
+        self, images: Sequence[Any], targets: Sequence[dict[str, Any]]
+    ) -> tuple[tuple[jax.Array, ...], tuple[int, int]]:
+        """Preprocessed images and padded targets for :meth:`forward_train`:
+        ((batch, image_sizes, gt_boxes, gt_labels, gt_valid), max_hw).
+
+        Boxes are scaled as torchvision's transform does (float32 ratios resized / original);
+        ground truth is padded to a power of two per image so few programs get compiled.
+        """
+        batch, sizes, originals = self.preprocess(images)
+        targets = list(targets)
+        if len(targets) != len(originals):
+            raise ValueError(f"got {len(originals)} images but {len(targets)} targets")
+        boxes_list, labels_list = [], []
+        for i, (target, orig, size) in enumerate(zip(targets, originals, sizes, strict=True)):
+            boxes, labels = _check_target(i, target, self.num_classes)
+            ratio_h = np.float32(size[0]) / np.float32(orig[0])
+            ratio_w = np.float32(size[1]) / np.float32(orig[1])
+            boxes_list.append(boxes * np.array([ratio_w, ratio_h, ratio_w, ratio_h], np.float32))
+            labels_list.append(labels)
+        g = max(1, max(len(b) for b in boxes_list))
+        g = 1 << (g - 1).bit_length()
+        gt_boxes = np.zeros((len(targets), g, 4), np.float32)
+        gt_labels = np.zeros((len(targets), g), np.int32)
+        gt_valid = np.zeros((len(targets), g), bool)
+        for i, (b, lab) in enumerate(zip(boxes_list, labels_list, strict=True)):
+            gt_boxes[i, : len(b)], gt_labels[i, : len(b)], gt_valid[i, : len(b)] = b, lab, True
+        max_hw = (int(np.max(sizes[:, 0])), int(np.max(sizes[:, 1])))
+        inputs = (
+            batch,
+            jnp.asarray(sizes),
+            jnp.asarray(gt_boxes),
+            jnp.asarray(gt_labels),
+            jnp.asarray(gt_valid),
+        )
+        return inputs, max_hw
+
     # -- traceable implementations ----------------------------------------------------------------
 
     def _anchors(self, batch_hw: tuple[int, int], feats: Sequence[jax.Array]) -> np.ndarray:
         return self.anchor_generator(batch_hw, [f.shape[1:3] for f in feats])
 
-    def _rpn(self, feats: Sequence[jax.Array], batch_hw: tuple[int, int], image_sizes: jax.Array):
-        cfg = self.config
+    def _rpn_head(self, feats: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array, list[int]]:
+        """Objectness logits (N, A) and box deltas (N, A, 4), anchors in (level, y, x, anchor) order."""
         n = feats[0].shape[0]
         logits, deltas, per_level = [], [], []
         for f in feats:
@@ -324,13 +391,23 @@ class FasterRCNN(Module):
             logits.append(lg.reshape(n, -1))
             deltas.append(dl.reshape(n, -1, 4))
             per_level.append(lg.shape[1] * lg.shape[2] * lg.shape[3])
-        objectness = jnp.concatenate(logits, axis=1).astype(jnp.float32)
+        objectness = _at_least_f32(jnp.concatenate(logits, axis=1))
+        return objectness, _at_least_f32(jnp.concatenate(deltas, axis=1)), per_level
+
+    def _rpn(self, feats: Sequence[jax.Array], batch_hw: tuple[int, int], image_sizes: jax.Array):
+        objectness, deltas, per_level = self._rpn_head(feats)
         anchors = jnp.asarray(self._anchors(batch_hw, feats))
+        return self._rpn_filter(objectness, deltas, per_level, anchors, image_sizes)
+
+    def _rpn_filter(self, objectness, deltas, per_level, anchors, image_sizes) -> dict[str, jax.Array]:
+        """torchvision's ``RegionProposalNetwork.filter_proposals`` (no gradient flows through)."""
+        cfg = self.config
+        objectness, deltas = jax.lax.stop_gradient(objectness), jax.lax.stop_gradient(deltas)
         coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
-        rel = jnp.concatenate(deltas, axis=1).astype(jnp.float32)
-        proposals = jax.vmap(lambda d: coder.decode_single(d, anchors))(rel)
-        pre_n = cfg.rpn_pre_nms_top_n_test if not self._training() else cfg.rpn_pre_nms_top_n_train
-        post_n = cfg.rpn_post_nms_top_n_test if not self._training() else cfg.rpn_post_nms_top_n_train
+        proposals = jax.vmap(lambda d: coder.decode_single(d, anchors))(deltas)
+        training = self._training()
+        pre_n = cfg.rpn_pre_nms_top_n_train if training else cfg.rpn_pre_nms_top_n_test
+        post_n = cfg.rpn_post_nms_top_n_train if training else cfg.rpn_post_nms_top_n_test
 
         # Per level top-k of the logits (torchvision's _get_top_n_idx), then one candidate list.
         idx, lvl = [], []
@@ -368,17 +445,16 @@ class FasterRCNN(Module):
         )
 
     def _training(self) -> bool:
-        return not all(getattr(m, "use_running_average", True) for _, m in nnx.iter_modules(self))
+        # nnx's train()/eval() set ``deterministic`` on every module that has it: here it selects
+        # torchvision's train-mode behaviour (losses, train top-n, random sampling).
+        return not self.deterministic
 
     def forward_rpn(self, batch: jax.Array, image_sizes: jax.Array) -> dict[str, jax.Array]:
         feats = self.backbone(batch)
         return self._rpn(feats, batch.shape[1:3], image_sizes)
 
-    def forward_detect(self, batch: jax.Array, image_sizes: jax.Array, max_hw: tuple[int, int]):
-        cfg = self.config
-        feats = self.backbone(batch)
-        rpn = self._rpn(feats, batch.shape[1:3], image_sizes)
-        proposals, counts = rpn["proposals"], rpn["num_proposals"]
+    def _box_head(self, feats: Sequence[jax.Array], proposals: jax.Array, max_hw: tuple[int, int]):
+        """RoIAlign + TwoMLPHead + predictor on (N, K, 4) boxes: logits (N, K, C), deltas (N, K, C, 4)."""
         n, k = proposals.shape[:2]
         # MultiScaleRoIAlign over maps "0" and "1" (both stride 32): the level mapper's range is a
         # single level, so every box is pooled from map "0" (torchvision's own result here).
@@ -389,8 +465,18 @@ class FasterRCNN(Module):
         rois = jnp.concatenate([batch_idx[:, None], proposals.reshape(-1, 4)], axis=1)
         pooled = roi_align(feats[0], rois, (7, 7), scales[0], 2, aligned=False)
         class_logits, box_regression = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
-        class_logits = class_logits.astype(jnp.float32).reshape(n, k, -1)
-        box_regression = box_regression.astype(jnp.float32).reshape(n, k, -1, 4)
+        return (
+            _at_least_f32(class_logits).reshape(n, k, -1),
+            _at_least_f32(box_regression).reshape(n, k, -1, 4),
+        )
+
+    def forward_detect(self, batch: jax.Array, image_sizes: jax.Array, max_hw: tuple[int, int]):
+        cfg = self.config
+        feats = self.backbone(batch)
+        rpn = self._rpn(feats, batch.shape[1:3], image_sizes)
+        proposals, counts = rpn["proposals"], rpn["num_proposals"]
+        k = proposals.shape[1]
+        class_logits, box_regression = self._box_head(feats, proposals, max_hw)
         coder = BoxCoder(cfg.bbox_reg_weights or (10.0, 10.0, 5.0, 5.0))
         num_classes = class_logits.shape[-1]
         det_n = cfg.box_detections_per_img
@@ -421,6 +507,147 @@ class FasterRCNN(Module):
             class_logits, box_regression, proposals, counts, image_sizes
         )
         return dict(boxes=boxes, scores=scores, labels=labels, num_detections=num)
+
+    def forward_train(
+        self,
+        batch: jax.Array,
+        image_sizes: jax.Array,
+        gt_boxes: jax.Array,
+        gt_labels: jax.Array,
+        gt_valid: jax.Array,
+        key: jax.Array,
+        max_hw: tuple[int, int],
+    ) -> dict[str, jax.Array]:
+        """torchvision's train-mode losses: loss_classifier, loss_box_reg (RoI heads) and
+        loss_objectness, loss_rpn_box_reg (RPN). Proposals carry no gradient, as in torchvision."""
+        cfg = self.config
+        key_rpn, key_roi = jax.random.split(key)
+        feats = self.backbone(batch)
+        objectness, deltas, per_level = self._rpn_head(feats)
+        anchors = jnp.asarray(self._anchors(batch.shape[1:3], feats))
+        rpn = self._rpn_filter(objectness, deltas, per_level, anchors, image_sizes)
+        n = batch.shape[0]
+
+        # RPN: every anchor against the ground truth (torchvision's assign_targets_to_anchors).
+        def rpn_targets(boxes, valid, k):
+            matched = match(
+                box_iou(boxes, anchors), valid, cfg.rpn_fg_iou_thresh, cfg.rpn_bg_iou_thresh, True
+            )
+            targets = BoxCoder((1.0, 1.0, 1.0, 1.0)).encode(boxes[jnp.maximum(matched, 0)], anchors)
+            pos, neg = balanced_sample(
+                matched >= 0,
+                matched == BELOW_LOW_THRESHOLD,
+                cfg.rpn_batch_size_per_image,
+                cfg.rpn_positive_fraction,
+                k,
+            )
+            # Zero where unused: encoding against a padded box gives inf, and NaN gradients.
+            return jnp.where(pos[:, None], targets, 0.0), pos, neg
+
+        rpn_reg_targets, rpn_pos, rpn_neg = jax.vmap(rpn_targets)(
+            gt_boxes, gt_valid, jax.random.split(key_rpn, n)
+        )
+        rpn_sampled = jnp.maximum(jnp.sum(rpn_pos) + jnp.sum(rpn_neg), 1)
+        bce = _bce_with_logits(objectness, rpn_pos.astype(objectness.dtype))
+        loss_objectness = jnp.sum(jnp.where(rpn_pos | rpn_neg, bce, 0.0)) / rpn_sampled
+        rpn_l1 = _smooth_l1(deltas - rpn_reg_targets, 1.0 / 9.0).sum(-1)
+        loss_rpn_box_reg = jnp.sum(jnp.where(rpn_pos, rpn_l1, 0.0)) / rpn_sampled
+
+        # RoI heads: proposals plus the ground truth boxes (select_training_samples).
+        proposals = jnp.concatenate([rpn["proposals"], gt_boxes], axis=1)
+        post_n = rpn["proposals"].shape[1]
+        proposal_valid = jnp.concatenate(
+            [jnp.arange(post_n)[None, :] < rpn["num_proposals"][:, None], gt_valid], axis=1
+        )
+
+        def roi_targets(props, ok, boxes, labels, valid, k):
+            quality = box_iou(boxes, props)
+            matched = match(quality, valid, cfg.box_fg_iou_thresh, cfg.box_bg_iou_thresh, False, ok)
+            safe = jnp.maximum(matched, 0)
+            cls = jnp.where(matched >= 0, labels[safe], 0)
+            coder = BoxCoder(cfg.bbox_reg_weights or (10.0, 10.0, 5.0, 5.0))
+            targets = coder.encode(boxes[safe], props)
+            pos, neg = balanced_sample(
+                ok & (matched >= 0) & (cls >= 1),
+                ok & (matched == BELOW_LOW_THRESHOLD),
+                cfg.box_batch_size_per_image,
+                cfg.box_positive_fraction,
+                k,
+            )
+            return cls, jnp.where(pos[:, None], targets, 0.0), pos, neg
+
+        cls, roi_reg_targets, roi_pos, roi_neg = jax.vmap(roi_targets)(
+            proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, jax.random.split(key_roi, n)
+        )
+        # Only sampled boxes matter; the others are pooled too (static shapes) and masked out.
+        class_logits, box_regression = self._box_head(feats, jax.lax.stop_gradient(proposals), max_hw)
+        roi_sampled = jnp.maximum(jnp.sum(roi_pos) + jnp.sum(roi_neg), 1)
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(class_logits, axis=-1), cls[..., None], axis=-1)[..., 0]
+        loss_classifier = jnp.sum(jnp.where(roi_pos | roi_neg, ce, 0.0)) / roi_sampled
+        per_class = jnp.take_along_axis(box_regression, cls[..., None, None], axis=2)[:, :, 0]
+        roi_l1 = _smooth_l1(per_class - roi_reg_targets, 1.0 / 9.0).sum(-1)
+        loss_box_reg = jnp.sum(jnp.where(roi_pos, roi_l1, 0.0)) / roi_sampled
+        return dict(
+            loss_classifier=loss_classifier,
+            loss_box_reg=loss_box_reg,
+            loss_objectness=loss_objectness,
+            loss_rpn_box_reg=loss_rpn_box_reg,
+        )
+
+
+def _at_least_f32(x: jax.Array) -> jax.Array:
+    """Heads may compute in bf16; boxes and losses are float32 (float64 stays float64)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _smooth_l1(diff: jax.Array, beta: float) -> jax.Array:
+    """torch's smooth_l1_loss elementwise (reduction none)."""
+    a = jnp.abs(diff)
+    return jnp.where(a < beta, 0.5 * a * a / beta, a - 0.5 * beta)
+
+
+def _bce_with_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """torch's binary_cross_entropy_with_logits elementwise: (1 - y) x + log(1 + exp(-x)), stable."""
+    return (1.0 - labels) * logits + jnp.logaddexp(0.0, -logits)
+
+
+class _SamplerSeed:
+    """Host-side counter for train-mode sampler keys (a plain object: not model state)."""
+
+    def __init__(self, seed: int = 0):
+        self.seed, self.calls = seed, 0
+
+    def next_key(self) -> jax.Array:
+        self.calls += 1
+        return jax.random.fold_in(jax.random.key(self.seed), self.calls)
+
+
+def _check_target(i: int, target: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's target checks: float (G, 4) boxes with positive width and height, int labels."""
+    if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
+        raise ValueError(f"target {i}: expected a dict with 'boxes' and 'labels'")
+    boxes = np.asarray(target["boxes"], np.float32)
+    if boxes.size == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"target {i}: expected boxes of shape (G, 4), got {boxes.shape}")
+    labels = np.asarray(target["labels"])
+    if labels.shape != (len(boxes),) or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError(
+            f"target {i}: expected {len(boxes)} integer labels, got shape {labels.shape} {labels.dtype}"
+        )
+    degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    if degenerate.any():
+        j = int(np.argmax(degenerate))
+        raise ValueError(
+            f"target {i}: all bounding boxes should have positive height and width; "
+            f"box {j} is {boxes[j].tolist()}"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"target {i}: labels should be in [0, {num_classes}), got {labels.min()}..{labels.max()}"
+        )
+    return boxes, labels.astype(np.int32)
 
 
 # ------------------------------------------------------------------------------------------------

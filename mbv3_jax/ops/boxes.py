@@ -52,9 +52,16 @@ __all__ = [
 TORCHVISION_CPU_VANILLA_NUMEL = 4000
 
 
+@jax.custom_jvp
 def _rounded(x: jax.Array) -> jax.Array:
-    """``x`` unchanged, but opaque to XLA's multiply-add contraction (see the module docstring)."""
+    """``x`` unchanged, but opaque to XLA's multiply-add contraction (see the module docstring).
+    Differentiable: the identity's derivative (``nextafter`` itself has no rule)."""
     return jnp.nextafter(x, x)
+
+
+@_rounded.defjvp
+def _rounded_jvp(primals, tangents):
+    return _rounded(primals[0]), tangents[0]
 
 
 def _divide(a: jax.Array, b: jax.Array | float) -> jax.Array:
