@@ -332,3 +332,17 @@ def test_train_gradients_float64(det_photos):
         )
         got_losses, got_grads = _jax_losses_and_grads(model, inputs, tuple(int(v) for v in sizes.max(axis=0)))
     _check_losses_and_grads(ref_losses, ref_grads, got_losses, got_grads, LOSS_TOL, GRAD_TOL)
+
+
+@pytest.mark.parametrize("trainable", [0, 1, 3, 6])
+def test_trainable_backbone_layers_freeze_what_torchvision_freezes(trainable):
+    from torchvision.models import mobilenet_v3_large
+    from torchvision.models.detection.backbone_utils import _mobilenet_extractor
+
+    body = _mobilenet_extractor(mobilenet_v3_large(), True, trainable).body
+    frozen_t = sum(p.numel() for p in body.parameters() if not p.requires_grad)
+    model = mbv3_jax.get_model("fasterrcnn_mobilenet_v3_large_fpn", trainable_backbone_layers=trainable)
+    trained = nnx.state(model, model.trainable_filter())
+    every = nnx.state(model, nnx.Param)
+    count = lambda state: sum(int(np.size(v)) for v in jax.tree.leaves(state))  # noqa: E731
+    assert count(every) - count(trained) == frozen_t

@@ -246,6 +246,7 @@ class FasterRCNN(Module):
         norm = dict(bn_eps=1e-5, bn_momentum=0.1, norm="frozen" if frozen_batchnorm else "batch")
         body = mobilenet_v3_features(table, dtype=dtype, param_dtype=param_dtype, rngs=rngs, norm=norm)
         stages = stage_indices(table)
+        self._stage_indices = tuple(stages)
         returned = (stages[-2], stages[-1])  # torchvision's _mobilenet_extractor: the last two stages
         in_channels = [table[stages[-2] - 1].out_channels, features_out_channels(table)]
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -376,6 +377,19 @@ class FasterRCNN(Module):
             jnp.asarray(gt_valid),
         )
         return inputs, max_hw
+
+    def trainable_filter(self) -> Any:
+        """An nnx filter of the parameters torchvision trains: all but the backbone layers before
+        the last ``trainable_backbone_layers`` stages (torchvision sets ``requires_grad=False``
+        on those). Use it as ``nnx.Optimizer(model, tx, wrt=model.trainable_filter())``."""
+        stages = self._stage_indices
+        trainable = self.trainable_backbone_layers
+        freeze_before = len(self.backbone.body) if trainable == 0 else stages[len(stages) - trainable]
+
+        def frozen(path: tuple, _value: Any) -> bool:
+            return len(path) > 2 and path[:2] == ("backbone", "body") and int(path[2]) < freeze_before
+
+        return nnx.All(nnx.Param, nnx.Not(frozen))
 
     # -- traceable implementations ----------------------------------------------------------------
 
