@@ -1,4 +1,5 @@
-"""Faster R-CNN latency per image: mbv3_jax (``model([image])``) vs torchvision eager, side by side.
+"""Detection latency per image: mbv3_jax (``model([image])``) vs torchvision eager, side by side,
+for Faster R-CNN (320 and 800) and SSDlite320.
 
 Same protocol as bench_classifiers.py. Each call detects on one real photo (scikit-image's); the
 timed loop cycles over photos of different sizes, so it measures the steady state of a stream of
@@ -19,10 +20,14 @@ from bench_common import alternate, print_environment
 
 import mbv3_jax
 from porting import load_torchvision
-from porting.calibration import calibrated_detector_, sample_photos
+from porting.calibration import calibrated_any_detector_, sample_photos
 from porting.torchvision_io import build_torchvision_model
 
-MODELS = ("fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn")
+MODELS = (
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "ssdlite320_mobilenet_v3_large",
+)
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
 
 
@@ -30,7 +35,7 @@ def bench(name: str, rounds: int) -> dict[str, float]:
     photos = sample_photos(PHOTOS)
     images_t = [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in photos]
     images_j = [p.astype(np.float32) / 255 for p in photos]
-    tv = calibrated_detector_(build_torchvision_model(mbv3_jax.get_model(name).architecture), images_t)
+    tv = calibrated_any_detector_(build_torchvision_model(mbv3_jax.get_model(name).architecture), images_t)
     model = load_torchvision(name, tv.state_dict())
     t0 = time.perf_counter()
     model(images_j[:1])

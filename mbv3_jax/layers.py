@@ -67,9 +67,22 @@ def _hardswish_jvp(primals, tangents):
     return hardswish(x), slope * t
 
 
+@jax.custom_jvp
+def relu6(x: Array) -> Array:
+    """torch's ReLU6 (hardtanh(0, 6)); SSDlite's extra blocks and heads use it."""
+    return jnp.clip(x, 0, 6)
+
+
+@relu6.defjvp
+def _relu6_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return relu6(x), jnp.where((x > 0) & (x < 6), t, jnp.zeros_like(t))
+
+
 ACTIVATIONS: dict[str | None, Callable[[Array], Array] | None] = {
     None: None,
     "relu": relu,
+    "relu6": relu6,
     "hardswish": hardswish,
     "hardsigmoid": hardsigmoid,
 }
@@ -301,9 +314,13 @@ class BatchNorm(Module):
         m = self.momentum
         unbiased = var * (n / (n - 1))
         stat = self.mean[...].dtype
-        self.mean[...] = ((1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)).astype(stat)
-        self.var[...] = ((1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)).astype(stat)
-        self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        # set_value, not ``v[...] = x``: under a trace, flax's indexed assignment asks the tracer for
+        # its sharding, and jax builds that AttributeError's message by walking the whole jaxpr so
+        # far (quadratic: ~10 s of tracing for a train-mode SSDlite). Same value, same dtype.
+        self.mean.set_value(((1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)).astype(stat))
+        self.var.set_value(((1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)).astype(stat))
+        count = self.num_batches_tracked[...]
+        self.num_batches_tracked.set_value((count + 1).astype(count.dtype))
         y = centered * jax.lax.rsqrt(var + self.eps) * scale + bias
         return y.astype(dtype)
 

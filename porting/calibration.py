@@ -28,6 +28,11 @@ PHOTO_NAMES: tuple[str, ...] = (
 )
 
 
+# Gains of the SSD heads' last convs at the random scale (see calibrated_ssd_).
+SSD_CLS_GAIN = 1.0
+SSD_BOX_GAIN = 0.2
+
+
 def sample_photos(names: Sequence[str] = PHOTO_NAMES) -> list[np.ndarray]:
     """uint8 HWC RGB photos from ``skimage.data``."""
     import skimage.data
@@ -142,6 +147,30 @@ def calibrated_random_weights_(
     return calibrate_batchnorm_(model, [torch.cat([b, torch.flip(b, dims=[3])]) for b in batches])
 
 
+def calibrate_norms_(module: torch.nn.Module, batches: Sequence[torch.Tensor]) -> torch.nn.Module:
+    """``calibrate_batchnorm_``, also for FrozenBatchNorm2d layers: those are calibrated through a
+    BatchNorm2d twin of ``module`` and get its statistics. Leaves ``module`` in eval mode."""
+    frozen = [m for m in module.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
+    if not frozen:
+        return calibrate_batchnorm_(module, batches)
+    import copy
+
+    twin = copy.deepcopy(module)
+    for m in list(twin.modules()):
+        for child_name, child in list(m.named_children()):
+            if type(child).__name__ == "FrozenBatchNorm2d":
+                bn = torch.nn.BatchNorm2d(child.weight.numel(), eps=child.eps)
+                bn.weight.data.copy_(child.weight)
+                bn.bias.data.copy_(child.bias)
+                setattr(m, child_name, bn)
+    calibrate_batchnorm_(twin, batches)
+    twin_norms = [m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for f, b in zip(frozen, twin_norms, strict=True):
+        f.running_mean.copy_(b.running_mean)
+        f.running_var.copy_(b.running_var)
+    return module.eval()
+
+
 def calibrated_detector_(
     model: torch.nn.Module, images: Sequence[torch.Tensor], seed: int = 0
 ) -> torch.nn.Module:
@@ -169,24 +198,59 @@ def calibrated_detector_(
     model.eval()
     with torch.no_grad():
         batch, _ = model.transform([*images, *[torch.flip(x, dims=[2]) for x in images]])
-    backbone = model.backbone
-    frozen = [m for m in backbone.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
-    if frozen:  # calibrate a BatchNorm2d copy, then copy its statistics over
-        import copy
-
-        twin = copy.deepcopy(backbone)
-        for m in list(twin.modules()):
-            for child_name, child in list(m.named_children()):
-                if type(child).__name__ == "FrozenBatchNorm2d":
-                    bn = torch.nn.BatchNorm2d(child.weight.numel(), eps=child.eps)
-                    bn.weight.data.copy_(child.weight)
-                    bn.bias.data.copy_(child.bias)
-                    setattr(m, child_name, bn)
-        calibrate_batchnorm_(twin, [batch.tensors])
-        twin_norms = [m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        for f, b in zip(frozen, twin_norms, strict=True):
-            f.running_mean.copy_(b.running_mean)
-            f.running_var.copy_(b.running_var)
-    else:
-        calibrate_batchnorm_(backbone, [batch.tensors])
+    calibrate_norms_(model.backbone, [batch.tensors])
     return model.eval()
+
+
+class _FeaturesAndHead(torch.nn.Module):
+    """An SSD's backbone and head as one module (the part with BatchNorm), on a batch tensor."""
+
+    def __init__(self, ssd: torch.nn.Module):
+        super().__init__()
+        self.backbone, self.head = ssd.backbone, ssd.head
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.head(list(self.backbone(x).values()))
+
+
+def calibrated_ssd_(
+    model: torch.nn.Module,
+    images: Sequence[torch.Tensor],
+    seed: int = 0,
+    cls_gain: float = SSD_CLS_GAIN,
+    box_gain: float = SSD_BOX_GAIN,
+) -> torch.nn.Module:
+    """Randomize a torchvision SSD / SSDlite and calibrate every BatchNorm (backbone, extra blocks
+    and the heads' depthwise convs) on ``images`` (CHW float in [0, 1], and their mirrors) through
+    the model's own 320x320 transform.
+
+    The heads' last convs are rescaled (as :func:`calibrated_detector_` does for Faster R-CNN's
+    predictor): ``box_gain`` keeps the box codes small corrections of the default boxes, as a
+    trained SSD's are (|code| median ~0.13); at ``cls_gain`` 1 the random scale already spreads the
+    softmax scores over ~0.02-0.99 without saturating them (parity tests check that no two kept
+    scores tie).
+    """
+    randomize_weights_(model, seed)
+    with torch.no_grad():
+        for name, module in model.head.named_modules():
+            if isinstance(module, torch.nn.Conv2d) and name.endswith(".1") and "module_list" in name:
+                gain = cls_gain if name.startswith("classification_head") else box_gain
+                module.weight.mul_(gain)
+                module.bias.mul_(gain)
+    model.eval()
+    with torch.no_grad():
+        batch, _ = model.transform([*images, *[torch.flip(x, dims=[2]) for x in images]])
+    calibrate_norms_(_FeaturesAndHead(model), [batch.tensors])
+    return model.eval()
+
+
+def calibrated_any_detector_(
+    model: torch.nn.Module, images: Sequence[torch.Tensor], seed: int = 0
+) -> torch.nn.Module:
+    """The calibration that fits a torchvision detector: :func:`calibrated_ssd_` for SSD /
+    SSDlite, :func:`calibrated_detector_` for Faster R-CNN."""
+    from torchvision.models.detection.ssd import SSD
+
+    if isinstance(model, SSD):
+        return calibrated_ssd_(model, images, seed)
+    return calibrated_detector_(model, images, seed)

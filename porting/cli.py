@@ -16,7 +16,7 @@ from mbv3_jax import transforms
 from mbv3_jax.models import list_models
 from porting.calibration import (
     PHOTO_NAMES,
-    calibrated_detector_,
+    calibrated_any_detector_,
     calibrated_random_weights_,
     classification_inputs,
     group_by_shape,
@@ -53,7 +53,11 @@ def _eval_sizes(weights_enum: Any) -> tuple[int, int]:
     return 256, 224
 
 
-DETECTION_MODELS = ("fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn")
+DETECTION_MODELS = (
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "ssdlite320_mobilenet_v3_large",
+)
 SEGMENTATION_MODELS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_mobilenet_v3_large")
 
 
@@ -89,7 +93,7 @@ def parity_for(
     if name in DETECTION_MODELS:
         if weights is None:
             images = [torch.from_numpy(p).permute(2, 0, 1).float() / 255 for p in photos]
-            tv = calibrated_detector_(_fresh_torchvision(name, kwargs), images, seed=seed)
+            tv = calibrated_any_detector_(_fresh_torchvision(name, kwargs), images, seed=seed)
             state_dict = tv.state_dict()
         model = load_torchvision(name, state_dict, **kwargs)
         tv = build_torchvision_model(model.architecture)

@@ -112,6 +112,56 @@ FASTER_RCNN_RULES: list[Rule] = [
     Rule(r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.bias", r"roi_heads.box_predictor.\1.bias"),
 ]
 
+
+def sequential_layers_rules(torch_prefix: str, jax_prefix: str) -> list[Rule]:
+    """The numbered layers ``M`` of a torch Sequential of Conv2dNormActivation / SqueezeExcitation
+    (an InvertedResidual's ``block``, or part of it) -> ``jax_prefix.M.{conv,bn,fc1,fc2}``."""
+    tp = torch_prefix.replace(".", r"\.")
+    return [
+        Rule(rf"{tp}\.(\d+)\.0\.weight", rf"{jax_prefix}.\1.conv.kernel", CONV_OIHW_TO_HWIO),
+        *batchnorm_rules(rf"{tp}\.(\d+)\.1", rf"{jax_prefix}.\1.bn"),
+        Rule(rf"{tp}\.(\d+)\.(fc[12])\.weight", rf"{jax_prefix}.\1.\2.kernel", CONV_OIHW_TO_HWIO),
+        Rule(rf"{tp}\.(\d+)\.(fc[12])\.bias", rf"{jax_prefix}.\1.\2.bias"),
+    ]
+
+
+# torchvision's SSDLiteFeatureExtractorMobileNet regroups MobileNetV3's features around the C4 split
+# inside features[13]: backbone.features.0 = features[0..12] + features[13].block[0] (as ".13"),
+# backbone.features.1 = (features[13].block[1:], keeping its indices 1..3), features[14..16].
+# mbv3_jax keeps the classifier's numbering (backbone.features.0..16). First matching rule wins:
+# the specific ones come before the generic backbone.features.0.N table.
+SSDLITE_RULES: list[Rule] = [
+    *conv_bn_rules("backbone.features.0.13", "backbone.features.13.block.0"),
+    *mobilenet_v3_features_rules("backbone.features.0", "backbone.features"),
+    *sequential_layers_rules("backbone.features.1.0", "backbone.features.13.block"),
+    *sequential_layers_rules("backbone.features.1.1.block", "backbone.features.14.block"),
+    *sequential_layers_rules("backbone.features.1.2.block", "backbone.features.15.block"),
+    *conv_bn_rules("backbone.features.1.3", "backbone.features.16"),
+    *sequential_layers_rules("backbone.extra.0", "backbone.extra.0"),
+    *sequential_layers_rules("backbone.extra.1", "backbone.extra.1"),
+    *sequential_layers_rules("backbone.extra.2", "backbone.extra.2"),
+    *sequential_layers_rules("backbone.extra.3", "backbone.extra.3"),
+    # head.{classification,regression}_head.module_list.K = Sequential(Conv2dNormActivation, Conv2d)
+    Rule(
+        r"head\.(classification|regression)_head\.module_list\.(\d+)\.0\.0\.weight",
+        r"head.\1_head.module_list.\2.0.conv.kernel",
+        CONV_OIHW_TO_HWIO,
+    ),
+    *batchnorm_rules(
+        r"head\.(classification|regression)_head\.module_list\.(\d+)\.0\.1",
+        r"head.\1_head.module_list.\2.0.bn",
+    ),
+    Rule(
+        r"head\.(classification|regression)_head\.module_list\.(\d+)\.1\.weight",
+        r"head.\1_head.module_list.\2.1.kernel",
+        CONV_OIHW_TO_HWIO,
+    ),
+    Rule(
+        r"head\.(classification|regression)_head\.module_list\.(\d+)\.1\.bias",
+        r"head.\1_head.module_list.\2.1.bias",
+    ),
+]
+
 # builder name (as recorded in model.architecture) -> mapping table.
 RULES: dict[str, list[Rule]] = {
     "mobilenet_v3_large": MOBILENET_V3_CLASSIFIER_RULES,
@@ -122,6 +172,7 @@ RULES: dict[str, list[Rule]] = {
     "fcn_mobilenet_v3_large": FCN_RULES,
     "fasterrcnn_mobilenet_v3_large_fpn": FASTER_RCNN_RULES,
     "fasterrcnn_mobilenet_v3_large_320_fpn": FASTER_RCNN_RULES,
+    "ssdlite320_mobilenet_v3_large": SSDLITE_RULES,
 }
 
 

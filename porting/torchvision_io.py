@@ -30,7 +30,7 @@ from porting.mapping import (
     load_into,
     model_variables,
 )
-from porting.rules import rules_for
+from porting.rules import mobilenet_v3_features_rules, rules_for
 
 
 class CheckpointError(ValueError):
@@ -72,6 +72,8 @@ def build_torchvision_model(architecture: Mapping[str, Any]) -> torch.nn.Module:
         return _fcn_mobilenet_v3_large(**kwargs)
     if builder.startswith("fasterrcnn_mobilenet_v3_large"):
         return _faster_rcnn(builder, **kwargs)
+    if builder == "ssdlite320_mobilenet_v3_large":
+        return _ssdlite(**kwargs)
     if builder in _HAS_BACKBONE_WEIGHTS:  # never download backbone weights for an empty model
         kwargs.setdefault("weights_backbone", None)
     return torchvision.models.get_model(builder, weights=None, **kwargs)
@@ -106,6 +108,55 @@ def _faster_rcnn(
         defaults.update(min_size=320, max_size=640, rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=150)
     anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
     return FasterRCNN(backbone, num_classes, rpn_anchor_generator=anchors, **{**defaults, **kwargs})
+
+
+def _ssdlite(
+    num_classes: int = 91,
+    reduced_tail: bool = True,
+    norm_layer: Mapping[str, Any] | None = None,
+    trainable_backbone_layers: int | None = None,
+    **kwargs: Any,
+) -> torch.nn.Module:
+    """torchvision's ``ssdlite320_mobilenet_v3_large`` without downloads: its own builder for the
+    reduced tail (what it builds without backbone weights), the same composition with the full
+    tail (what it builds on ImageNet backbone weights). ``norm_layer`` is mbv3_jax's record."""
+    import functools
+
+    from torchvision.models.detection import ssdlite
+    from torchvision.models.detection._utils import retrieve_out_channels
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    norm = None
+    if norm_layer is not None:
+        options = {"norm": "batch", "bn_eps": 1e-5, "bn_momentum": 0.1, **norm_layer}
+        if options["norm"] == "frozen":
+            norm = functools.partial(FrozenBatchNorm2d, eps=options["bn_eps"])
+        else:
+            norm = functools.partial(
+                torch.nn.BatchNorm2d, eps=options["bn_eps"], momentum=options["bn_momentum"]
+            )
+    if reduced_tail:
+        return ssdlite.ssdlite320_mobilenet_v3_large(
+            weights=None, weights_backbone=None, num_classes=num_classes, norm_layer=norm, **kwargs
+        )
+    # torchvision's builder with weights_backbone set, minus the download.
+    norm = norm or functools.partial(torch.nn.BatchNorm2d, eps=0.001, momentum=0.03)
+    backbone = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm, reduced_tail=False)
+    trainable = 6 if trainable_backbone_layers is None else trainable_backbone_layers
+    backbone = ssdlite._mobilenet_extractor(backbone, trainable, norm)
+    anchors = DefaultBoxGenerator([[2, 3] for _ in range(6)], min_ratio=0.2, max_ratio=0.95)
+    out_channels = retrieve_out_channels(backbone, (320, 320))
+    head = ssdlite.SSDLiteHead(out_channels, anchors.num_anchors_per_location(), num_classes, norm)
+    defaults = {
+        "score_thresh": 0.001,
+        "nms_thresh": 0.55,
+        "detections_per_img": 300,
+        "topk_candidates": 300,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    return ssdlite.SSD(backbone, anchors, (320, 320), num_classes, head=head, **{**defaults, **kwargs})
 
 
 def _fcn_mobilenet_v3_large(num_classes: int = 21, aux_loss: bool = False) -> torch.nn.Module:
@@ -225,7 +276,15 @@ BACKBONES: dict[str, tuple[str, str, str]] = {
     "lraspp_mobilenet_v3_large": ("mobilenet_v3_large", "features", "backbone"),
     "deeplabv3_mobilenet_v3_large": ("mobilenet_v3_large", "features", "backbone"),
     "fcn_mobilenet_v3_large": ("mobilenet_v3_large", "features", "backbone"),
+    "ssdlite320_mobilenet_v3_large": ("mobilenet_v3_large", "features", "backbone.features"),
 }
+# Models whose backbone keeps the classifier's numbering under another torch naming: the classifier
+# keys are mapped with the classifier's own table onto the JAX path root, not renamed.
+_BACKBONE_RULES: dict[str, list] = {
+    "ssdlite320_mobilenet_v3_large": mobilenet_v3_features_rules("features", "backbone.features"),
+}
+# Builder arguments that torchvision implies by building on backbone weights.
+_BACKBONE_KWARGS: dict[str, dict[str, Any]] = {"ssdlite320_mobilenet_v3_large": {"reduced_tail": False}}
 
 
 def load_torchvision(
@@ -260,6 +319,10 @@ def load_torchvision(
     if name.startswith("fasterrcnn_") and "frozen_batchnorm" not in kwargs:
         # torchvision builds detectors from trained weights with FrozenBatchNorm2d (no counters).
         kwargs["frozen_batchnorm"] = not any(k.endswith("num_batches_tracked") for k in state_dict)
+    if name == "ssdlite320_mobilenet_v3_large" and "reduced_tail" not in kwargs:
+        # torchvision halves the tail unless built on ImageNet backbone weights: the checkpoint says.
+        last = state_dict.get("backbone.features.1.3.0.weight")
+        kwargs["reduced_tail"] = last is None or tuple(last.shape)[0] != 960
     if name in _HAS_AUX_HEAD and "aux_loss" not in kwargs:
         # The checkpoint says whether it has the auxiliary head (torchvision's COCO weights do).
         kwargs["aux_loss"] = any(k.startswith("aux_classifier.") for k in state_dict)
@@ -284,17 +347,23 @@ def _load_backbone_only(
     classifier, source_prefix, prefix = BACKBONES[name]
     state_dict, _, source = resolve_weights(classifier, weights_backbone, checkpoint_key, progress)
     # torchvision keeps the classifier's `features` and drops its classification layers.
-    start = len(source_prefix)
-    tensors = {prefix + k[start:]: v for k, v in state_dict.items() if k.startswith(source_prefix + ".")}
+    tensors = {k: v for k, v in state_dict.items() if k.startswith(source_prefix + ".")}
+    kwargs = {**_BACKBONE_KWARGS.get(name, {}), **kwargs}
     model = jax_models.get_model(name, **kwargs)
+    rules = _BACKBONE_RULES.get(name)
+    if rules is None:  # the model's torch keys are the classifier's under a prefix
+        start = len(source_prefix)
+        tensors = {prefix + k[start:]: v for k, v in tensors.items()}
+        rules = rules_for(model.architecture["builder"])
     arrays = convert_to_jax(
         tensors,
         model,
-        rules_for(model.architecture["builder"]),
+        rules,
         strict=False,
         context=f"{source} is not a {classifier} checkpoint that fits the backbone of {name}",
     )
-    missing = [p for p in model_variables(model) if p[0] == prefix and p not in arrays]
+    root = tuple(prefix.split("."))
+    missing = [p for p in model_variables(model) if p[: len(root)] == root and p not in arrays]
     if missing:
         raise WeightMappingError(
             f"{source} does not fill the backbone of {name}: missing "

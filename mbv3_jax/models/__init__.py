@@ -31,6 +31,7 @@ from mbv3_jax.models.segmentation import (
     fcn_mobilenet_v3_large,
     lraspp_mobilenet_v3_large,
 )
+from mbv3_jax.models.ssdlite import SSD, SSDConfig, ssdlite320_mobilenet_v3_large
 
 # torchvision name -> builder. Later model families register here too.
 BUILDERS: dict[str, Callable[..., nnx.Module]] = {
@@ -41,6 +42,7 @@ BUILDERS: dict[str, Callable[..., nnx.Module]] = {
     "fcn_mobilenet_v3_large": fcn_mobilenet_v3_large,
     "fasterrcnn_mobilenet_v3_large_fpn": fasterrcnn_mobilenet_v3_large_fpn,
     "fasterrcnn_mobilenet_v3_large_320_fpn": fasterrcnn_mobilenet_v3_large_320_fpn,
+    "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large,
 }
 
 
@@ -82,6 +84,9 @@ __all__ = [
     "fasterrcnn_mobilenet_v3_large_fpn",
     "LRASPP",
     "SegmentationModel",
+    "SSD",
+    "SSDConfig",
+    "ssdlite320_mobilenet_v3_large",
     "deeplabv3_mobilenet_v3_large",
     "fcn_mobilenet_v3_large",
     "lraspp_mobilenet_v3_large",

@@ -15,6 +15,7 @@ from mbv3_jax.ops.boxes import (
 )
 from mbv3_jax.ops.interpolate import interpolate_bilinear, linear_taps
 from mbv3_jax.ops.roi_align import infer_scale, level_mapper, multiscale_roi_align, roi_align
+from mbv3_jax.ops.top_first_nms import batched_nms_top_first
 
 __all__ = [
     "AnchorGenerator",
@@ -22,6 +23,7 @@ __all__ = [
     "DefaultBoxGenerator",
     "batched_nms",
     "batched_nms_padded",
+    "batched_nms_top_first",
     "box_area",
     "box_iou",
     "clip_boxes_to_image",
