@@ -55,6 +55,7 @@ from mbv3_jax.ops.boxes import (
 from mbv3_jax.ops.interpolate import interpolate_bilinear
 from mbv3_jax.ops.matcher import BELOW_LOW_THRESHOLD, balanced_sample, match
 from mbv3_jax.ops.roi_align import infer_scale, roi_align
+from mbv3_jax.ops.top_first_nms import batched_nms_top_first
 from mbv3_jax.runtime import List, Module, call_compiled
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -495,7 +496,7 @@ class FasterRCNN(Module):
         num_classes = class_logits.shape[-1]
         det_n = cfg.box_detections_per_img
 
-        def postprocess_one(logits, regression, props, count, size):
+        def candidates_one(logits, regression, props, count, size):
             boxes = coder.decode_single(regression.reshape(-1, 4), jnp.repeat(props, num_classes, axis=0))
             boxes = clip_boxes_to_image(boxes, size).reshape(k, num_classes, 4)
             scores = jax.nn.softmax(logits, axis=-1)
@@ -507,19 +508,28 @@ class FasterRCNN(Module):
             )
             proposal_ok = jnp.repeat(jnp.arange(k) < count, num_classes - 1)
             valid = proposal_ok & (scores > cfg.box_score_thresh) & remove_small_boxes_mask(boxes, 1e-2)
-            keep, kept = batched_nms_padded(boxes, scores, labels, valid, cfg.box_nms_thresh, det_n)
+            return boxes, scores, labels, valid
+
+        boxes, scores, labels, valid = jax.vmap(candidates_one)(
+            class_logits, box_regression, proposals, counts, image_sizes
+        )
+
+        def nms_one(args):
+            # k x (classes - 1) candidates (13,500 at 320 px, 90,000 at 800 px) for 100 detections:
+            # NMS decided on the best-scored ones first (same result as on all of them).
+            b, s, lab, ok = args
+            keep, kept = batched_nms_top_first(b, s, lab, ok, cfg.box_nms_thresh, det_n)
             safe = jnp.maximum(keep, 0)
-            ok = jnp.arange(det_n) < kept
+            shown = jnp.arange(det_n) < kept
             return (
-                jnp.where(ok[:, None], boxes[safe], 0.0),
-                jnp.where(ok, scores[safe], 0.0),
-                jnp.where(ok, labels[safe], 0),
+                jnp.where(shown[:, None], b[safe], 0.0),
+                jnp.where(shown, s[safe], 0.0),
+                jnp.where(shown, lab[safe], 0),
                 kept,
             )
 
-        boxes, scores, labels, num = jax.vmap(postprocess_one)(
-            class_logits, box_regression, proposals, counts, image_sizes
-        )
+        # lax.map, not vmap: each image falls back to the full NMS only when it needs to.
+        boxes, scores, labels, num = jax.lax.map(nms_one, (boxes, scores, labels, valid))
         return dict(boxes=boxes, scores=scores, labels=labels, num_detections=num)
 
     def forward_train(
