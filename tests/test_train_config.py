@@ -1,0 +1,199 @@
+"""Fast checks of the training pieces: configuration files and flags, errors, sharding rules, data order,
+augmentation, fine-tuning initialisation. No training step is compiled here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from jax.sharding import PartitionSpec as P
+
+from train import augment, data, sharding
+from train.cli import train_main
+from train.config import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    apply_overrides,
+    available_configs,
+    load_config,
+)
+from train.config import TrainConfig as _TrainConfig
+from train.trainer import build_model, learning_rate
+
+
+def test_shipped_configs():
+    assert {"digits", "tf_mode", "torchvision"} <= set(available_configs())
+    tv = load_config("torchvision")
+    o = tv.optim
+    assert (o.optimizer, o.lr, o.reference_batch, o.momentum, o.alpha, o.eps, o.weight_decay) == (
+        "rmsprop_torch", 0.064, 1024, 0.9, 0.9, 0.0316, 1e-5,
+    )  # fmt: skip
+    assert (o.schedule, o.lr_step_epochs, o.lr_gamma) == ("step", 2, 0.973)
+    d = tv.data
+    assert (d.train_crop, d.auto_augment, d.random_erasing, d.eval_resize, d.eval_crop) == (
+        224,
+        "imagenet",
+        0.2,
+        256,
+        224,
+    )
+    assert load_config("tf_mode").optim.optimizer == "rmsprop_tf"
+    assert isinstance(load_config("digits"), _TrainConfig)
+
+
+def test_overrides_and_errors(tmp_path):
+    c = apply_overrides(
+        load_config("digits"),
+        [
+            "--optim.lr=0.01",
+            "--train.epochs",
+            "3",
+            "--data.crop_scale",
+            "0.5,1",
+            "--model.init",
+            "none",
+            "--plot=false",
+        ],
+    )
+    assert (c.optim.lr, c.train.epochs, c.data.crop_scale, c.model.init, c.plot) == (
+        0.01,
+        3.0,
+        (0.5, 1.0),
+        None,
+        False,
+    )
+    with pytest.raises(ConfigError, match=r"did you mean --optim\.lr"):
+        apply_overrides(load_config("digits"), ["--optim.lrr=1"])
+    with pytest.raises(ConfigError, match="expects int"):
+        apply_overrides(load_config("digits"), ["--train.global_batch=big"])
+    with pytest.raises(ConfigError, match="is a section"):
+        apply_overrides(load_config("digits"), ["--optim=1"])
+    with pytest.raises(ConfigError, match="needs a value"):
+        apply_overrides(load_config("digits"), ["--optim.lr"])
+    with pytest.raises(ConfigError, match="unknown configuration"):
+        load_config("nonexistent")
+    # A user's copy of a configuration file, by path.
+    mine = tmp_path / "mine.py"
+    mine.write_text(
+        "from train.config import TrainConfig\n\ndef get_config():\n    return TrainConfig(name='mine')\n"
+    )
+    assert load_config(str(mine)).name == "mine"
+
+
+def test_cli_errors_and_print_config(capsys, tmp_path):
+    assert train_main(["--config", "digits", "--print-config", "--train.epochs=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["epochs"] == 2.0
+    assert train_main(["--config", "digits", "--optim.lrr=1"]) == 2
+    assert "unknown option --optim.lrr" in capsys.readouterr().err
+    argv = ["--config", "digits", "--workdir", str(tmp_path / "w"), "--data.dataset", "imagenet2013"]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown TFDS dataset 'imagenet2013'" in err and "imagenet2012" in err
+    argv = [
+        "--config",
+        "digits",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--data.image_folder",
+        str(tmp_path / "none"),
+    ]
+    assert train_main(argv) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_fsdp_rules():
+    assert sharding.fsdp_spec((3, 3, 16, 72), 4, min_size=1024) == P(None, None, None, "fsdp")
+    assert sharding.fsdp_spec((1024, 10), 4, min_size=1024) == P("fsdp", None)
+    assert sharding.fsdp_spec((1024, 10), 4, min_size=2**14) == P()  # small: replicated
+    assert sharding.fsdp_spec((7, 9), 4, min_size=1) == P()  # nothing divisible
+    assert sharding.fsdp_spec((), 4, min_size=0) == P()
+    assert sharding.fsdp_spec((4096, 1280), 1) == P()
+    with pytest.raises(ValueError, match="does not divide"):
+        sharding.make_mesh(fsdp=3)
+
+
+def test_global_order_and_process_slices():
+    order = data.GlobalOrder(100, 16, seed=3)
+    assert order.steps_per_epoch == 6
+    epoch0 = [order.record(i) for i in range(96)]
+    epoch1 = [order.record(96 + i) for i in range(96)]
+    assert len(set(epoch0)) == 96 and epoch0 != epoch1
+    assert epoch0 == [order.record(i) for i in range(96)]  # a function of (seed, position)
+    with pytest.raises(data.DataError, match="fewer than one global batch"):
+        data.GlobalOrder(10, 16)
+
+
+def test_train_transform_is_seeded():
+    img = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    tf = augment.TrainTransform(crop=32)
+    a = tf(img, np.random.default_rng([1, 2]))
+    b = tf(img, np.random.default_rng([1, 2]))
+    assert a.shape == (32, 32, 3) and a.dtype == np.float32 and np.array_equal(a, b)
+    # every AutoAugment sub-policy runs
+    for seed in range(200):
+        out = augment.auto_augment(np.random.default_rng(seed), augment.Image.fromarray(img))
+        assert out.size == (50, 40)
+    plain = augment.TrainTransform(
+        crop=32, random_resized_crop=False, hflip=False, auto_augment=None, random_erasing=0
+    )
+    assert plain(img, np.random.default_rng(0)).shape == (32, 32, 3)
+
+
+def test_learning_rate_scaling():
+    sched = learning_rate(OptimConfig(), global_batch=256, steps_per_epoch=10, total_steps=100)
+    assert float(sched(0)) == pytest.approx(0.064 / 4)
+    assert float(sched(19)) == pytest.approx(0.016) and float(sched(20)) == pytest.approx(0.016 * 0.973)
+
+
+def test_init_from_torchvision_checkpoint_with_a_new_head(tmp_path):
+    """``--model.init`` a torchvision .pth of 1000 classes into a 10-class model: all but the head load."""
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v3_small()
+    path = tmp_path / "small.pth"
+    torch.save(tv.state_dict(), path)
+    model = build_model(ModelConfig(name="mobilenet_v3_small", init=str(path)), 10)
+    assert model.num_classes == 10 and model.classifier_out.kernel.shape == (1024, 10)
+    np.testing.assert_array_equal(
+        np.asarray(model.classifier_hidden.kernel[...]), tv.classifier[0].weight.detach().numpy().T
+    )
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_model(ModelConfig(name="mobilenet_v3_small", init=str(tmp_path / "missing.pth")), 10)
+    with pytest.raises(ValueError, match="which this model does not have"):
+        build_model(ModelConfig(name="mobilenet_v3_large", init=str(path)), 10)
+
+
+def test_image_folder_dataset(tmp_path):
+    """A user's ``root/{train,val}/<class>/*.png`` folders become a TFDS ArrayRecord data set."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 2)):
+        for c in ("cat", "dog"):
+            (tmp_path / "pets" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "pets" / split / c / f"{i}.png")
+    (tmp_path / "pets" / "train" / "dog" / "gray.png").unlink(missing_ok=True)
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(
+        tmp_path / "pets" / "train" / "dog" / "g.png"
+    )
+    train = data.open_split("", "train", image_folder=str(tmp_path / "pets"), data_dir=str(tmp_path / "tfds"))
+    val = data.open_split("", "val", image_folder=str(tmp_path / "pets"), data_dir=str(tmp_path / "tfds"))
+    assert (len(train), len(val), train.num_classes, train.class_names) == (7, 4, 2, ["cat", "dog"])
+    example = train.source[0]
+    assert example["image"].ndim == 3 and example["image"].shape[-1] == 3 and example["label"] in (0, 1)
+    # --data.process_sharding=process: each process opens its even part of the split
+    folder, tfds_dir = str(tmp_path / "pets"), str(tmp_path / "tfds")
+    parts = [
+        data.open_split("", "train", image_folder=folder, data_dir=tfds_dir, process_shard=(i, 2))
+        for i in (0, 1)
+    ]
+    assert [len(p) for p in parts] == [3, 3]
+    assert np.array_equal(parts[1].source[0]["image"], train.source[3]["image"])
+    with pytest.raises(data.DataError, match="not 'test'"):
+        data.open_split("", "test", image_folder=str(tmp_path / "pets"), data_dir=str(tmp_path / "tfds"))

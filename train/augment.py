@@ -1,0 +1,248 @@
+"""torchvision's classification training transforms on the host (PIL + numpy), per image, seeded.
+
+``ClassificationPresetTrain`` of torchvision's references: RandomResizedCrop -> RandomHorizontalFlip ->
+AutoAugment(IMAGENET) -> ToTensor/Normalize -> RandomErasing. The algorithms (crop sampling, policy
+table, magnitude bins, erasing sampling) follow torchvision; the pixel operations are PIL's, so
+augmented pixels are not bit-identical to torchvision's (they are random anyway). Eval uses the
+torch-exact preset of :mod:`mbv3_jax.transforms`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from mbv3_jax.transforms import (
+    as_rgb_uint8,
+    center_crop,
+    classification_preset,
+    normalize_uint8,
+    resize_uint8,
+)
+
+__all__ = [
+    "AUTO_AUGMENT_POLICIES",
+    "TrainTransform",
+    "auto_augment",
+    "eval_transform",
+    "random_erasing",
+    "random_resized_crop",
+]
+
+
+def random_resized_crop_box(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """torchvision ``RandomResizedCrop.get_params``: ``(top, left, h, w)``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(
+    rng: np.random.Generator, img: Image.Image, size: int, scale: Sequence[float] = (0.08, 1.0)
+) -> Image.Image:
+    """Crop a random area/aspect box and resize it to ``size`` x ``size`` (bilinear, antialiased)."""
+    top, left, h, w = random_resized_crop_box(rng, img.height, img.width, scale)
+    return img.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+
+
+# torchvision AutoAugmentPolicy.IMAGENET: pairs of (op, probability, magnitude bin).
+AUTO_AUGMENT_POLICIES: dict[str, list[tuple[tuple[str, float, int | None], ...]]] = {
+    "imagenet": [
+        (("Posterize", 0.4, 8), ("Rotate", 0.6, 9)),
+        (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+        (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+        (("Posterize", 0.6, 7), ("Posterize", 0.6, 6)),
+        (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
+        (("Equalize", 0.4, None), ("Rotate", 0.8, 8)),
+        (("Solarize", 0.6, 3), ("Equalize", 0.6, None)),
+        (("Posterize", 0.8, 5), ("Equalize", 1.0, None)),
+        (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)),
+        (("Equalize", 0.6, None), ("Posterize", 0.4, 6)),
+        (("Rotate", 0.8, 8), ("Color", 0.4, 0)),
+        (("Rotate", 0.4, 9), ("Equalize", 0.6, None)),
+        (("Equalize", 0.0, None), ("Equalize", 0.8, None)),
+        (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+        (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+        (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
+        (("Color", 0.8, 8), ("Solarize", 0.8, 7)),
+        (("Sharpness", 0.4, 7), ("Invert", 0.6, None)),
+        (("ShearX", 0.6, 5), ("Equalize", 1.0, None)),
+        (("Color", 0.4, 0), ("Equalize", 0.6, None)),
+        (("Equalize", 0.4, None), ("Solarize", 0.2, 4)),
+        (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+        (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+        (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+        (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+    ]
+}
+
+_NUM_BINS = 10
+_SIGNED = {
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+}
+
+
+def _magnitude(op: str, bin_: int, width: int, height: int) -> float:
+    """torchvision ``AutoAugment._augmentation_space(10, (H, W))`` at ``bin_``."""
+    frac = bin_ / (_NUM_BINS - 1)
+    if op in ("ShearX", "ShearY"):
+        return 0.3 * frac
+    if op == "TranslateX":
+        return 150.0 / 331.0 * width * frac
+    if op == "TranslateY":
+        return 150.0 / 331.0 * height * frac
+    if op == "Rotate":
+        return 30.0 * frac
+    if op in ("Brightness", "Color", "Contrast", "Sharpness"):
+        return 0.9 * frac
+    if op == "Posterize":
+        return float(8 - int(round(bin_ / ((_NUM_BINS - 1) / 4))))
+    if op == "Solarize":
+        return 255.0 * (1 - frac)
+    return 0.0
+
+
+def _apply_op(img: Image.Image, op: str, magnitude: float) -> Image.Image:
+    if op == "ShearX":
+        return img.transform(img.size, Image.AFFINE, (1, magnitude, 0, 0, 1, 0), Image.NEAREST)
+    if op == "ShearY":
+        return img.transform(img.size, Image.AFFINE, (1, 0, 0, magnitude, 1, 0), Image.NEAREST)
+    if op == "TranslateX":
+        return img.transform(img.size, Image.AFFINE, (1, 0, -int(magnitude), 0, 1, 0), Image.NEAREST)
+    if op == "TranslateY":
+        return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, -int(magnitude)), Image.NEAREST)
+    if op == "Rotate":
+        return img.rotate(magnitude, Image.NEAREST)
+    if op == "Brightness":
+        return ImageEnhance.Brightness(img).enhance(1.0 + magnitude)
+    if op == "Color":
+        return ImageEnhance.Color(img).enhance(1.0 + magnitude)
+    if op == "Contrast":
+        return ImageEnhance.Contrast(img).enhance(1.0 + magnitude)
+    if op == "Sharpness":
+        return ImageEnhance.Sharpness(img).enhance(1.0 + magnitude)
+    if op == "Posterize":
+        return ImageOps.posterize(img, int(magnitude))
+    if op == "Solarize":
+        return ImageOps.solarize(img, magnitude)
+    if op == "AutoContrast":
+        return ImageOps.autocontrast(img)
+    if op == "Equalize":
+        return ImageOps.equalize(img)
+    if op == "Invert":
+        return ImageOps.invert(img)
+    raise ValueError(f"unknown AutoAugment op {op!r}")
+
+
+def auto_augment(rng: np.random.Generator, img: Image.Image, policy: str = "imagenet") -> Image.Image:
+    """torchvision ``AutoAugment(policy)``: one random sub-policy, each op with its probability."""
+    try:
+        policies = AUTO_AUGMENT_POLICIES[policy]
+    except KeyError:
+        raise ValueError(
+            f"unknown AutoAugment policy {policy!r}; known: {sorted(AUTO_AUGMENT_POLICIES)}"
+        ) from None
+    sub = policies[int(rng.integers(len(policies)))]
+    probs = rng.random(2)
+    signs = rng.integers(2, size=2)
+    for i, (op, p, bin_) in enumerate(sub):
+        if probs[i] <= p:
+            magnitude = _magnitude(op, bin_, img.width, img.height) if bin_ is not None else 0.0
+            if op in _SIGNED and signs[i] == 0:
+                magnitude = -magnitude
+            img = _apply_op(img, op, magnitude)
+    return img
+
+
+def random_erasing(
+    rng: np.random.Generator,
+    x: np.ndarray,
+    p: float = 0.5,
+    scale: Sequence[float] = (0.02, 0.33),
+    ratio: Sequence[float] = (0.3, 3.3),
+) -> np.ndarray:
+    """torchvision ``RandomErasing(p, value=0)`` on a normalized HWC float image (in place)."""
+    if rng.random() >= p:
+        return x
+    height, width = x.shape[:2]
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        erase_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        h = int(round(math.sqrt(erase_area * aspect)))
+        w = int(round(math.sqrt(erase_area / aspect)))
+        if not (h < height and w < width):
+            continue
+        i, j = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+        x[i : i + h, j : j + w] = 0.0
+        return x
+    return x
+
+
+@dataclass(frozen=True)
+class TrainTransform:
+    """uint8 HWC image + a per-example generator -> normalized float32 HWC ``crop`` x ``crop``."""
+
+    crop: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    random_resized_crop: bool = True
+    hflip: bool = True
+    auto_augment: str | None = "imagenet"
+    random_erasing: float = 0.2
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        x = as_rgb_uint8(img)
+        if self.random_resized_crop:
+            pil = random_resized_crop(rng, Image.fromarray(x), self.crop, self.scale)
+        else:  # deterministic geometry: the shorter side to ``crop``, center crop (eval's at crop size)
+            if x.shape[:2] != (self.crop, self.crop):
+                x = center_crop(resize_uint8(x, self.crop), self.crop, self.crop)
+            pil = Image.fromarray(x)
+        if self.hflip and rng.random() < 0.5:
+            pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
+        if self.auto_augment:
+            pil = auto_augment(rng, pil, self.auto_augment)
+        out = normalize_uint8(np.asarray(pil), self.mean, self.std).copy()
+        if self.random_erasing > 0:
+            out = random_erasing(rng, out, self.random_erasing)
+        return out
+
+
+def eval_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float]):
+    """torchvision's eval preset (resize the shorter side, center crop, normalize), torch-exact."""
+    return classification_preset(resize, crop, mean, std)

@@ -1,0 +1,103 @@
+"""Command-line entry points: ``mbv3-train``, ``mbv3-average`` and ``mbv3-plot``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from train.config import ConfigError, apply_overrides, available_configs, load_config
+
+
+def _err(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+TRAIN_EPILOG = """\
+Any configuration field can be overridden: --section.field=value (or --section.field value), e.g.
+  mbv3-train --config digits --workdir runs/digits2 --optim.lr=0.004 --train.epochs=20
+  mbv3-train --config torchvision --data.data_dir ~/tensorflow_datasets --mesh.fsdp=8
+  mbv3-train --config digits --model.init weights.pth      (fine-tune from torchvision weights)
+Sections: model, data, optim, train, mesh, checkpoint, distributed; top level: name, workdir,
+tensorboard, plot. Re-running with the same --workdir resumes from its latest checkpoint."""
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``mbv3-train --config NAME_OR_FILE [--section.field=value ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="mbv3-train",
+        description="Train a MobileNetV3 classifier (sharded over all devices; resumes from --workdir).",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config", default="torchvision", help=f"a configuration file, or one of {available_configs()}"
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the configuration and exit")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        config = apply_overrides(load_config(args.config), rest)
+    except ConfigError as e:
+        return _err(str(e))
+    if args.print_config:
+        print(config.to_json())
+        return 0
+    from train.data import DataError
+    from train.trainer import run
+
+    try:
+        result = run(config)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        return _err(str(e))
+    if "top1" in result:
+        print(f"done: step {result['step']}, eval top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+    return 0
+
+
+def average_main(argv: list[str] | None = None) -> int:
+    """``mbv3-average WORKDIR --out DIR``: average the last N checkpoints that improved top-1."""
+    parser = argparse.ArgumentParser(
+        prog="mbv3-average",
+        description="Average the weights (and BatchNorm statistics) of a run's last N checkpoints that "
+        "improved eval top-1 (torchvision's recipe: N=3) and save a model mbv3_jax.load and "
+        "porting.to_torchvision accept.",
+    )
+    parser.add_argument("workdir", help="the run's --workdir")
+    parser.add_argument("--out", required=True, help="directory to write the averaged model to")
+    parser.add_argument("-n", "--num", type=int, default=3, help="how many checkpoints (default 3)")
+    parser.add_argument("--steps", type=int, nargs="+", help="average exactly these checkpoint steps instead")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    from train.average import average_checkpoints
+
+    try:
+        out, steps = average_checkpoints(
+            args.workdir, args.out, num=args.num, steps=args.steps, overwrite=args.overwrite
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        return _err(str(e))
+    print(f"averaged steps {steps} of {args.workdir} into {out}")
+    return 0
+
+
+def plot_main(argv: list[str] | None = None) -> int:
+    """``mbv3-plot WORKDIR [--out PNG]``: loss, accuracy and learning-rate curves."""
+    parser = argparse.ArgumentParser(prog="mbv3-plot", description="Draw a run's metrics.csv to a PNG.")
+    parser.add_argument("workdir", help="the run's --workdir (or its metrics.csv)")
+    parser.add_argument("--out", help="PNG path (default WORKDIR/metrics.png)")
+    args = parser.parse_args(argv)
+    from train.metrics import plot_metrics
+
+    path = Path(args.workdir)
+    csv = path if path.suffix == ".csv" else path / "metrics.csv"
+    try:
+        out = plot_metrics(csv, args.out)
+    except FileNotFoundError as e:
+        return _err(str(e))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

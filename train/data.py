@@ -1,0 +1,446 @@
+"""Image-classification data through tensorflow-datasets (``tfds.data_source``) and grain.
+
+* Any TFDS image-classification dataset by name (``imagenet2012``, ``cifar10``, ...), read as random-access
+  ArrayRecord through ``tfds.data_source`` (no TensorFlow needed to read).
+* ``sklearn_digits``: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes), upscaled
+  to 32x32 RGB and written as a TFDS ArrayRecord dataset on first use (no download): the demo's data.
+* :func:`image_folder_builder`: a TFDS dataset from your own ``root/<class>/*.jpg`` folders (or
+  ``root/train/<class>/...`` and ``root/val/<class>/...``).
+
+Order and sharding: the sample order is a function of (seed, epoch) over the *global* batch: global
+batch ``b`` of an epoch is ``perm[b*G:(b+1)*G]`` and process ``p`` reads ``[p*L:(p+1)*L]`` of it
+(``L = G / num_processes``), so a run's batches do not depend on how many processes read them, and the
+data position is the step number (exact resume). Each example's augmentation draws from a generator
+seeded by (seed, its global position). ``process_sharding="process"`` instead gives each process its own
+even split of the data set (``tfds.even_splits``), shuffled on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import io
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DIGITS_NAME = "sklearn_digits"
+DIGITS_SIZE = 32
+DIGITS_TEST = 360  # examples held out for validation (a fixed, seeded 20% split)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """A data set that cannot be found, built or read as an image-classification data set."""
+
+
+def _tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # pragma: no cover - the train extra installs it
+        raise ImportError("training data needs tensorflow-datasets: pip install 'mbv3-jax[train]'") from e
+    return tfds
+
+
+# --------------------------------------------------------------------------------------------------
+# Builders: scikit-learn digits and image folders
+# --------------------------------------------------------------------------------------------------
+
+_BUILDERS: dict[str, type] = {}
+
+
+def _png(img: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pin_code_path(cls: type) -> None:
+    # tfds derives a builder's code path from its top-level package through importlib.resources,
+    # which fails for an editable install's package ("MultiplexedPath only supports directories").
+    from etils import epath
+
+    cls.code_path = epath.Path(__file__)
+
+
+def _digits_builder_class() -> type:
+    """The ``sklearn_digits`` TFDS builder (registered with tfds on first call)."""
+    if "digits" in _BUILDERS:
+        return _BUILDERS["digits"]
+    tfds = _tfds()
+
+    class SklearnDigits(tfds.core.GeneratorBasedBuilder):
+        """scikit-learn's handwritten digits, bilinearly upscaled 8x8 -> 32x32, gray as RGB, white ink."""
+
+        VERSION = tfds.core.Version("1.0.0")
+        RELEASE_NOTES = {"1.0.0": "32x32 RGB PNG; 1,437 train / 360 test (seeded split)."}
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description="scikit-learn's bundled UCI handwritten digits, upscaled to RGB.",
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(
+                            shape=(DIGITS_SIZE, DIGITS_SIZE, 3), encoding_format="png"
+                        ),
+                        "label": tfds.features.ClassLabel(names=[str(i) for i in range(10)]),
+                    }
+                ),
+                supervised_keys=("image", "label"),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(False), "test": self._generate_examples(True)}
+
+        def _generate_examples(self, test: bool):
+            from PIL import Image
+            from sklearn.datasets import load_digits
+
+            digits = load_digits()
+            perm = np.random.default_rng(0).permutation(len(digits.target))
+            for i in perm[:DIGITS_TEST] if test else perm[DIGITS_TEST:]:
+                gray = Image.fromarray(np.round(digits.images[i] * (255 / 16)).astype(np.uint8))
+                img = gray.resize((DIGITS_SIZE, DIGITS_SIZE), Image.BILINEAR).convert("RGB")
+                yield int(i), {"image": _png(img), "label": int(digits.target[i])}
+
+    _pin_code_path(SklearnDigits)
+    _BUILDERS["digits"] = SklearnDigits
+    return SklearnDigits
+
+
+def _list_images(folder: Path) -> list[tuple[Path, str]]:
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    items = []
+    for c in classes:
+        for path in sorted((folder / c).rglob("*")):
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                items.append((path, c))
+    return items
+
+
+def image_folder_builder(root: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Any:
+    """A TFDS builder (ArrayRecord) over ``root/<class>/<image>`` folders; prepared on first use.
+
+    Splits: ``root/train`` and ``root/val`` (or ``validation``/``test``) when present, else ``train``
+    holds every image. The class list is the sorted sub-folder names of the train split.
+    ``data_dir`` defaults to ``root/.tfds``.
+    """
+    tfds = _tfds()
+    root = Path(root).expanduser().absolute()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    split_dirs = {s: root / s for s in ("train", "val", "validation", "test") if (root / s).is_dir()}
+    if "train" not in split_dirs:
+        split_dirs = {"train": root}
+    classes = sorted(
+        d.name for d in split_dirs["train"].iterdir() if d.is_dir() and not d.name.startswith(".")
+    )
+    if not classes:
+        raise DataError(f"{split_dirs['train']} has no class sub-folders (expected <class>/<image files>)")
+    files = {s: _list_images(d) for s, d in split_dirs.items()}
+    if not files["train"]:
+        raise DataError(f"{split_dirs['train']} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    digest = hashlib.sha1(
+        "\n".join(
+            f"{s}:{p.relative_to(root)}:{p.stat().st_size}" for s in files for p, _ in files[s]
+        ).encode()
+    ).hexdigest()[:10]
+
+    class ImageFolderDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+        BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=f"{root.name}-{digest}")]
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=f"Images under {root}",
+                features=tfds.features.FeaturesDict(
+                    {
+                        "image": tfds.features.Image(shape=(None, None, 3)),
+                        "label": tfds.features.ClassLabel(names=classes),
+                    }
+                ),
+                supervised_keys=("image", "label"),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {s: self._generate_examples(items) for s, items in files.items() if items}
+
+        def _generate_examples(self, items):
+            from PIL import Image
+
+            for path, label in items:
+                if label not in classes:
+                    raise DataError(f"{path}: class {label!r} is not a train class {classes}")
+                with Image.open(path) as img:
+                    img = img.convert("RGB")
+                    yield str(path.relative_to(root)), {"image": _png(img), "label": label}
+
+    ImageFolderDataset.name = "image_folder_dataset"
+    _pin_code_path(ImageFolderDataset)
+    builder = ImageFolderDataset(data_dir=str(data_dir or root / ".tfds"), file_format="array_record")
+    builder.download_and_prepare()
+    return builder
+
+
+# --------------------------------------------------------------------------------------------------
+# Opening a split
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Split:
+    """A random-access split: ``source[i]`` is a dict with image (uint8 HWC) and label."""
+
+    source: Any
+    num_classes: int
+    class_names: list[str]
+    image_key: str
+    label_key: str
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def _check_features(info: Any, name: str, image_key: str, label_key: str) -> tuple[int, list[str]]:
+    tfds = _tfds()
+    features = info.features
+    keys = list(features.keys()) if hasattr(features, "keys") else []
+    if image_key not in keys or label_key not in keys:
+        raise DataError(
+            f"{name} is not an image-classification dataset with features {image_key!r}/{label_key!r} "
+            f"(it has {keys}); set --data.image_key/--data.label_key"
+        )
+    if not isinstance(features[image_key], tfds.features.Image):
+        raise DataError(
+            f"{name}: feature {image_key!r} is {type(features[image_key]).__name__}, not an Image"
+        )
+    label = features[label_key]
+    if not isinstance(label, tfds.features.ClassLabel):
+        raise DataError(f"{name}: feature {label_key!r} is {type(label).__name__}, not a ClassLabel")
+    return label.num_classes, list(label.names)
+
+
+def open_split(
+    dataset: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    image_folder: str | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+    process_shard: tuple[int, int] | None = None,
+) -> Split:
+    """Open ``split`` of a TFDS dataset (prepared on first use if it needs no manual download).
+
+    ``process_shard=(index, count)``: only the index-th of ``count`` equal contiguous parts of the split
+    (the remainder dropped), as ``tfds.even_splits(split, count, drop_remainder=True)[index]``.
+    """
+    tfds = _tfds()
+
+    def shard(builder: Any, name: str) -> str:
+        if process_shard is None:
+            return name
+        if "[" in name:
+            raise DataError(f"per-process splits need a whole split, not {name!r}")
+        index, count = process_shard
+        per = builder.info.splits[name].num_examples // count
+        return f"{name}[{index * per}:{(index + 1) * per}]"
+
+    if image_folder:
+        builder = image_folder_builder(image_folder, data_dir)
+        if split not in builder.info.splits:
+            raise DataError(
+                f"image folder {image_folder} has splits {list(builder.info.splits)}, not {split!r}"
+            )
+        source = builder.as_data_source(split=shard(builder, split))
+        num_classes, names = _check_features(builder.info, str(image_folder), image_key, label_key)
+        return Split(source, num_classes, names, image_key, label_key)
+    if dataset == DIGITS_NAME:
+        _digits_builder_class()
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
+    except tfds.core.registered.DatasetNotFoundError:
+        known = tfds.list_builders(with_community_datasets=False)
+        close = difflib.get_close_matches(dataset, known + [DIGITS_NAME], n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise DataError(f"unknown TFDS dataset {dataset!r}.{hint} (or pass --data.image_folder)") from None
+    num_classes, names = _check_features(builder.info, dataset, image_key, label_key)
+    try:
+        builder.download_and_prepare()
+    except Exception as e:
+        raise DataError(f"could not prepare {dataset} in {builder.data_dir}: {e}") from e
+    base = split.split("[")[0]
+    if base not in builder.info.splits:
+        raise DataError(f"{dataset} has splits {list(builder.info.splits)}, not {base!r}")
+    source = tfds.data_source(
+        dataset,
+        split=shard(builder, split),
+        data_dir=data_dir,
+        download=False,
+        builder_kwargs={"file_format": "array_record"},
+    )
+    return Split(source, num_classes, names, image_key, label_key)
+
+
+# --------------------------------------------------------------------------------------------------
+# Global order and per-process pipelines
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalOrder:
+    """Which record is at each global position: epoch ``e`` is a (seed, e) permutation, cut into batches."""
+
+    num_records: int
+    global_batch: int
+    seed: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.num_records < self.global_batch:
+            raise DataError(
+                f"the data set has {self.num_records} examples, "
+                f"fewer than one global batch of {self.global_batch}"
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_records // self.global_batch  # the last partial batch is dropped
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_records)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+
+    def record(self, global_pos: int) -> int:
+        epoch, offset = divmod(global_pos, self.steps_per_epoch * self.global_batch)
+        return int(_cached_permutation(self, epoch)[offset])
+
+
+_PERM_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def _cached_permutation(order: GlobalOrder, epoch: int) -> np.ndarray:
+    key = (order.num_records, order.global_batch, order.seed, order.shuffle, epoch)
+    perm = _PERM_CACHE.get(key)
+    if perm is None:
+        if len(_PERM_CACHE) > 4:
+            _PERM_CACHE.clear()
+        perm = _PERM_CACHE[key] = order.permutation(epoch)
+    return perm
+
+
+def _read(split: Split, indices: list[int]) -> list[dict[str, Any]]:
+    getitems = getattr(split.source, "__getitems__", None)
+    return list(getitems(indices)) if getitems is not None else [split.source[i] for i in indices]
+
+
+class _TrainBatch:
+    """grain map: step -> this process's (images, labels) of that global batch, augmented per example."""
+
+    def __init__(self, split: Split, order: GlobalOrder, transform: Callable, local_batch: int, offset: int):
+        self.split, self.order, self.transform = split, order, transform
+        self.local_batch, self.offset = local_batch, offset
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        positions = [int(step) * self.order.global_batch + self.offset + j for j in range(self.local_batch)]
+        examples = _read(self.split, [self.order.record(p) for p in positions])
+        images = np.stack(
+            [
+                self.transform(
+                    np.asarray(ex[self.split.image_key]), np.random.default_rng([self.order.seed, 1, p])
+                )
+                for ex, p in zip(examples, positions, strict=True)
+            ]
+        ).astype(np.float32, copy=False)
+        labels = np.asarray([ex[self.split.label_key] for ex in examples], np.int32)
+        return images, labels
+
+
+def _default_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def train_batches(
+    split: Split,
+    order: GlobalOrder,
+    transform: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+    *,
+    start_step: int,
+    num_steps: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    worker_count: int = 0,
+    num_threads: int | None = None,
+    prefetch: int = 4,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """This process's slices of global batches ``start_step .. num_steps-1``: (images NHWC, labels).
+
+    A grain pipeline over step numbers (so the iterator's position is the step); ``worker_count > 0``
+    decodes and augments in that many worker processes, else in ``num_threads`` threads.
+    """
+    import grain
+
+    if order.global_batch % process_count:
+        raise DataError(f"global batch {order.global_batch} is not divisible by {process_count} processes")
+    local = order.global_batch // process_count
+    fn = _TrainBatch(split, order, transform, local, process_index * local)
+    ds = grain.MapDataset.range(start_step, num_steps).map(fn)
+    threads = num_threads if num_threads is not None else _default_threads()
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
+    if worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+            flags.FLAGS(sys.argv[:1])
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it)
+
+
+class _EvalBatch:
+    """grain map: step -> (images, labels, weights) of this process's slice; padding gets weight 0."""
+
+    def __init__(self, split: Split, transform: Callable, global_batch: int, local_batch: int, offset: int):
+        self.split, self.transform = split, transform
+        self.global_batch, self.local_batch, self.offset = global_batch, local_batch, offset
+
+    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = len(self.split)
+        positions = [int(step) * self.global_batch + self.offset + j for j in range(self.local_batch)]
+        examples = _read(self.split, [min(p, n - 1) for p in positions])
+        images = np.stack([self.transform(np.asarray(ex[self.split.image_key])) for ex in examples])
+        labels = np.asarray([ex[self.split.label_key] for ex in examples], np.int32)
+        weights = np.asarray([p < n for p in positions], np.float32)
+        return images.astype(np.float32, copy=False), labels, weights
+
+
+def eval_batches(
+    split: Split,
+    transform: Callable[[np.ndarray], np.ndarray],
+    global_batch: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """This process's slices of the eval set in order, padded: (images, labels, weights 1/0)."""
+    import grain
+
+    if global_batch % process_count:
+        raise DataError(f"eval batch {global_batch} is not divisible by {process_count} processes")
+    local = global_batch // process_count
+    fn = _EvalBatch(split, transform, global_batch, local, process_index * local)
+    ds = grain.MapDataset.range(num_eval_steps(split, global_batch)).map(fn)
+    threads = num_threads if num_threads is not None else _default_threads()
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4)))
+
+
+def num_eval_steps(split: Split, global_batch: int) -> int:
+    return -(-len(split) // global_batch)

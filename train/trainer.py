@@ -1,0 +1,657 @@
+"""Sharded classification training: one ``jax.jit`` step over a (data, fsdp) mesh, orbax checkpoints.
+
+The NNX model is split once into a graph definition and pure-dict pytrees (parameters, BatchNorm
+statistics); the step merges them back inside ``jax.jit`` (``in_shardings``/``out_shardings`` from
+:mod:`train.sharding`), takes the gradient of the cross-entropy, applies the optax optimizer and returns
+the new state. The whole training state is one dict::
+
+    {"step": int32, "rng": uint32[2] (dropout key data), "params": {...}, "batch_stats": {...},
+     "opt_state": optax state, "ema": {"params", "batch_stats"} (optional)}
+
+Dropout in step ``t`` uses ``fold_in(rng, t)``, the data order is a function of (seed, step): restoring a
+checkpoint's state and step resumes the run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from mbv3_jax import optim
+from mbv3_jax.checkpoint import FORMAT
+from mbv3_jax.layers import BatchNorm
+from mbv3_jax.models import MobileNetV3, get_model, mobilenet_v3_config
+from train import augment, checkpointing, data, sharding
+from train.config import TrainConfig
+from train.metrics import MetricsWriter, plot_metrics
+
+State = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+
+_HEAD = ("classifier_out",)  # the last Linear: re-initialised when the class count differs
+
+
+def _saved_model_arrays(directory: Path) -> dict[tuple, np.ndarray]:
+    """The variables of a ``mbv3_jax.save`` directory, read by this process alone (``mbv3_jax.load``
+    would coordinate all processes of a ``jax.distributed`` run, which here each read on their own)."""
+    import orbax.checkpoint as ocp
+
+    from mbv3_jax.checkpoint import read_architecture
+    from mbv3_jax.models import build_from_architecture
+
+    saved = build_from_architecture(read_architecture(directory))
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=local),
+        nnx.to_pure_dict(nnx.state(saved)),
+    )
+    options = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()})
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=options)
+    try:
+        restored = checkpointer.restore(directory / "state", target)
+    finally:
+        checkpointer.close()
+    nnx.update(saved, restored)
+    return {
+        tuple(p): np.asarray(v.get_value())
+        for p, v in nnx.iter_graph(saved)
+        if isinstance(v, nnx.Param | nnx.BatchStat)
+    }
+
+
+def _init_arrays(path: Path, model: nnx.Module) -> dict[tuple, np.ndarray]:
+    """``{variable path: array}`` from a torchvision .pth/.pt or a ``mbv3_jax.save`` directory."""
+    if path.is_dir():
+        return _saved_model_arrays(path)
+    try:
+        from porting.mapping import convert_to_jax
+        from porting.rules import rules_for
+        from porting.torchvision_io import read_checkpoint
+    except ImportError as e:  # pragma: no cover - needs the torch extra
+        raise ImportError("initialising from a .pth needs torch: pip install 'mbv3-jax[torch]'") from e
+    state_dict = read_checkpoint(path)
+    head = state_dict.get("classifier.3.weight")
+    if head is None:
+        raise ValueError(
+            f"{path} is not a torchvision MobileNetV3 classifier checkpoint (no classifier.3.weight)"
+        )
+    if int(head.shape[0]) != model.num_classes:  # fine-tuning to other classes: keep the fresh head
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("classifier.3.")}
+    return convert_to_jax(
+        state_dict,
+        model,
+        rules_for(model.architecture["builder"]),
+        strict=False,
+        context=f"--model.init {path}",
+    )
+
+
+def load_init(model: nnx.Module, init: str | os.PathLike) -> list[str]:
+    """Load pretrained weights into ``model``; a head with another class count stays freshly initialised.
+
+    Every other parameter and BatchNorm statistic must come from ``init`` with its shape. Returns the
+    names of the variables left at their initialisation (the head, when re-initialised).
+    """
+    path = Path(init).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--model.init {path} does not exist")
+    variables = {tuple(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param | nnx.BatchStat)}
+    arrays = _init_arrays(path, model)
+    problems = []
+    for p, array in arrays.items():
+        if p not in variables:
+            problems.append(f"{'.'.join(map(str, p))} is not in the model")
+        elif tuple(np.shape(array)) != tuple(variables[p].shape):
+            if p[: len(_HEAD)] == _HEAD:
+                continue  # another number of classes
+            problems.append(f"{'.'.join(map(str, p))}: {np.shape(array)} vs the model's {variables[p].shape}")
+    kept = [p for p in variables if p not in arrays or np.shape(arrays[p]) != tuple(variables[p].shape)]
+    problems += [f"{'.'.join(map(str, p))} is missing" for p in kept if p[: len(_HEAD)] != _HEAD]
+    if problems:
+        raise ValueError(f"--model.init {path} does not fit the configured model: " + "; ".join(problems[:5]))
+    for p, array in arrays.items():
+        if p not in kept:
+            variables[p].set_value(jnp.asarray(array, dtype=variables[p].get_value().dtype))
+    return [".".join(map(str, p)) for p in kept]
+
+
+def build_model(cfg: Any, num_classes: int, seed: int = 0) -> nnx.Module:
+    """The classifier of ``cfg`` (a :class:`train.config.ModelConfig`) in train mode, ready to split.
+
+    ``cfg.init`` (a torchvision .pth or a ``mbv3_jax.save`` directory) initialises every variable but a
+    classifier head of another class count.
+    """
+    dtype = None if cfg.dtype in ("float32", None) else jnp.dtype(cfg.dtype)
+    param_dtype = jnp.dtype(cfg.param_dtype)
+    if "float64" in (cfg.dtype, cfg.param_dtype) and not jax.config.jax_enable_x64:
+        raise ValueError("a float64 model needs jax_enable_x64 (mbv3-train turns it on for such a config)")
+    if cfg.blocks is not None:
+        if cfg.name not in ("mobilenet_v3_large", "mobilenet_v3_small"):
+            raise ValueError(f"--model.blocks needs a MobileNetV3 classifier, not {cfg.name}")
+        table, last_channel = mobilenet_v3_config(cfg.name, cfg.width_mult)
+        if not 1 <= cfg.blocks <= len(table):
+            raise ValueError(f"--model.blocks must be in [1, {len(table)}] for {cfg.name}, got {cfg.blocks}")
+        model = MobileNetV3(
+            table[: cfg.blocks],
+            last_channel,
+            num_classes,
+            cfg.dropout,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=nnx.Rngs(seed),
+        )
+    else:
+        model = get_model(
+            cfg.name,
+            num_classes=num_classes,
+            seed=seed,
+            width_mult=cfg.width_mult,
+            dropout=cfg.dropout,
+            dtype=dtype,
+        )
+    if cfg.init:
+        load_init(model, cfg.init)
+    if cfg.bn_momentum is not None:
+        for _, node in nnx.iter_graph(model):
+            if isinstance(node, BatchNorm):
+                node.momentum = cfg.bn_momentum
+    model.eval_micro_batch = 0  # whole (sharded) batches; no lax.map over micro-batches
+    model.train()
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimizer
+# --------------------------------------------------------------------------------------------------
+
+
+def learning_rate(cfg: Any, global_batch: int, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """The schedule of ``cfg`` (an OptimConfig), its base lr scaled linearly with the global batch."""
+    base = cfg.lr * global_batch / cfg.reference_batch
+    if cfg.schedule == "step":
+        if cfg.lr_step_epochs != int(cfg.lr_step_epochs) or cfg.lr_step_epochs < 1:
+            raise ValueError(f"schedule 'step' needs whole lr_step_epochs, got {cfg.lr_step_epochs}")
+        schedule = optim.step_lr(base, steps_per_epoch, int(cfg.lr_step_epochs), cfg.lr_gamma)
+    elif cfg.schedule == "exponential":
+        schedule = optax.exponential_decay(
+            base, max(1, round(cfg.lr_step_epochs * steps_per_epoch)), cfg.lr_gamma, staircase=True
+        )
+    elif cfg.schedule == "cosine":
+        schedule = optim.cosine_lr(
+            base, max(1, math.ceil(total_steps / steps_per_epoch)), 0.0, steps_per_epoch
+        )
+    elif cfg.schedule == "constant":
+        schedule = optax.constant_schedule(base)
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; expected step, exponential, cosine or constant")
+    if cfg.warmup_epochs:
+        schedule = optim.linear_warmup(schedule, round(cfg.warmup_epochs * steps_per_epoch), 0.01)
+    return schedule
+
+
+def make_optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """``rmsprop_torch`` (torchvision), ``rmsprop_tf`` (the paper's TF1 RMSProp) or torch-style SGD."""
+    mask = None if cfg.norm_weight_decay else optim.weight_decay_mask
+    if cfg.optimizer == "rmsprop_torch":
+        return optim.rmsprop_torch(
+            schedule,
+            alpha=cfg.alpha,
+            eps=cfg.eps,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            weight_decay_mask=mask,
+        )
+    if cfg.optimizer == "rmsprop_tf":
+        return optim.rmsprop_tf(
+            schedule,
+            decay=cfg.alpha,
+            momentum=cfg.momentum,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            weight_decay_mask=mask,
+        )
+    if cfg.optimizer == "sgd":  # torch.optim.SGD: buf = m*buf + g (+wd*theta); theta -= lr*buf
+        decay = optax.add_decayed_weights(cfg.weight_decay, mask) if cfg.weight_decay else optax.identity()
+        return optax.chain(decay, optax.sgd(schedule, momentum=cfg.momentum or None))
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected rmsprop_torch, rmsprop_tf or sgd")
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """torch ``CrossEntropyLoss(label_smoothing=...)``, mean over the batch (in at least float32)."""
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    return optax.softmax_cross_entropy(logits, optax.smooth_labels(onehot, label_smoothing)).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Steps:
+    """The split model and the jitted train/eval steps for one mesh."""
+
+    mesh: jax.sharding.Mesh
+    train_step: Callable[[State, jax.Array, jax.Array], tuple[State, dict[str, jax.Array]]]
+    eval_step: Callable[..., dict[str, jax.Array]]
+    state_shardings: Any
+    init_state: Callable[[], State]
+
+
+def _rng_builder(rng_state: Any) -> Callable[[jax.Array], Any]:
+    """Build the model's RNG-stream state (dropout) from one key: keys folded per stream, counts 0."""
+    leaves, treedef = jax.tree.flatten(rng_state)
+    specs = [(jnp.issubdtype(x.dtype, jax.dtypes.prng_key), x.shape, x.dtype) for x in leaves]
+
+    def build(key: jax.Array) -> Any:
+        out = [
+            jax.random.fold_in(key, i) if is_key else jnp.zeros(shape, dtype)
+            for i, (is_key, shape, dtype) in enumerate(specs)
+        ]
+        return jax.tree.unflatten(treedef, out)
+
+    return build
+
+
+def _ema_update(ema: Any, new: Any, decay: float) -> Any:
+    def one(e: jax.Array, n: jax.Array) -> jax.Array:
+        if jnp.issubdtype(n.dtype, jnp.floating):
+            return (decay * e + (1 - decay) * n).astype(e.dtype)
+        return n
+
+    return jax.tree.map(one, ema, new)
+
+
+def _put(tree: Any, shardings: Any) -> Any:
+    """Host arrays (identical on every process) -> global arrays with ``shardings``."""
+
+    def one(x: Any, s: jax.sharding.Sharding) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def make_steps(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: jax.sharding.Mesh,
+    *,
+    label_smoothing: float = 0.0,
+    ema_decay: float | None = None,
+    seed: int = 0,
+    fsdp_min_size: int = 2**14,
+    fast_compile: bool = False,
+) -> Steps:
+    """Split ``model`` and build the jitted, sharded train and eval steps."""
+    model.train()
+    graphdef_train, params, batch_stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    model.eval()
+    graphdef_eval = nnx.split(model, nnx.Param, nnx.BatchStat, ...)[0]
+    model.train()
+    params = nnx.to_pure_dict(params)
+    batch_stats = nnx.to_pure_dict(batch_stats)
+    make_rngs = _rng_builder(nnx.to_pure_dict(rng_state))
+    repl = sharding.replicated(mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+
+    host_state: State = {
+        "step": np.zeros((), np.int32),
+        "rng": np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32),
+        "params": jax.tree.map(np.asarray, params),
+        "batch_stats": jax.tree.map(np.asarray, batch_stats),
+    }
+    if ema_decay is not None:
+        host_state["ema"] = {"params": host_state["params"], "batch_stats": host_state["batch_stats"]}
+    abstract_opt = jax.eval_shape(tx.init, params)
+    shardings: State = {
+        "step": repl,
+        "rng": repl,
+        "params": sharding.state_shardings(params, mesh, fsdp_min_size),
+        "batch_stats": sharding.state_shardings(batch_stats, mesh, fsdp_min_size),
+        "opt_state": sharding.state_shardings(abstract_opt, mesh, fsdp_min_size),
+    }
+    if ema_decay is not None:
+        shardings["ema"] = {"params": shardings["params"], "batch_stats": shardings["batch_stats"]}
+
+    def init_state() -> State:
+        state = _put({k: v for k, v in host_state.items()}, {k: shardings[k] for k in host_state})
+        state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(state["params"])
+        return state
+
+    def train_step(state: State, images: jax.Array, labels: jax.Array) -> tuple[State, dict[str, jax.Array]]:
+        step = state["step"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        rngs = make_rngs(key)
+
+        def loss_fn(p: Any) -> tuple[jax.Array, tuple[Any, jax.Array]]:
+            m = nnx.merge(graphdef_train, p, state["batch_stats"], rngs)
+            logits = m.forward(images)
+            loss = cross_entropy(logits, labels, label_smoothing)
+            return loss, (nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)), logits)
+
+        (loss, (new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+        new = dict(state, step=step + 1, params=new_params, batch_stats=new_stats, opt_state=opt_state)
+        if ema_decay is not None:
+            new["ema"] = _ema_update(
+                state["ema"], {"params": new_params, "batch_stats": new_stats}, ema_decay
+            )
+        accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        return new, {"loss": loss, "lr": jnp.asarray(schedule(step), jnp.float32), "accuracy": accuracy}
+
+    def eval_step(p: Any, stats: Any, images: jax.Array, labels: jax.Array, weights: jax.Array) -> dict:
+        m = nnx.merge(graphdef_eval, p, stats, make_rngs(jax.random.key(0)))
+        logits = m.forward(images)
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        k = min(5, logits.shape[-1])
+        _, top = jax.lax.top_k(logits, k)
+        top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        topk = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return {
+            "loss": jnp.sum(loss * weights),
+            "top1": jnp.sum(top1 * weights),
+            "top5": jnp.sum(topk * weights),
+            "count": jnp.sum(weights),
+        }
+
+    train_jit = jax.jit(
+        train_step,
+        in_shardings=(shardings, batch_sh, batch_sh),
+        out_shardings=(shardings, repl),
+        donate_argnums=0,
+    )
+    eval_jit = jax.jit(
+        eval_step,
+        in_shardings=(shardings["params"], shardings["batch_stats"], batch_sh, batch_sh, batch_sh),
+        out_shardings=repl,
+    )
+    return Steps(mesh, train_jit, eval_jit, shardings, init_state)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+def _scalar(x: jax.Array) -> float:
+    """A replicated scalar as a Python float (works across processes)."""
+    return float(np.asarray(x.addressable_data(0)))
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def local_batch_offset(mesh: jax.sharding.Mesh, global_batch: int) -> tuple[int, int]:
+    """(first row, rows) of the global batch that this process's devices hold (must be contiguous)."""
+    sh = sharding.batch_sharding(mesh)
+    rows = sorted(
+        {
+            (idx[0].start or 0, idx[0].stop or global_batch)
+            for idx in sh.addressable_devices_indices_map((global_batch,)).values()
+        }
+    )
+    start, stop = rows[0][0], rows[-1][1]
+    if sum(b - a for a, b in rows) != stop - start:
+        raise ValueError(f"this process's devices hold rows {rows} of the batch: not one contiguous block")
+    return start, stop - start
+
+
+def evaluate(steps: Steps, params: Any, stats: Any, batches: Any) -> dict[str, float]:
+    """Top-1 / top-5 / loss over padded eval batches (weights 0 on padding)."""
+    sums: dict[str, jax.Array] | None = None
+    for images, labels, weights in batches:
+        out = steps.eval_step(params, stats, *sharding.global_batch(steps.mesh, images, labels, weights))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    if sums is None:
+        raise ValueError("evaluation: the eval split is empty")
+    values = {k: _scalar(v) for k, v in sums.items()}
+    count = values.pop("count")
+    return {k: v / count for k, v in values.items()} | {"count": count}
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) as ``config`` says; returns the last evaluation's metrics and the final step."""
+    t_start = time.perf_counter()
+    if "float64" in (config.model.dtype, config.model.param_dtype):
+        jax.config.update("jax_enable_x64", True)
+    dist = config.distributed
+    sharding.maybe_initialize_distributed(
+        dist.coordinator_address, dist.num_processes, dist.process_id, dist.local_device_count
+    )
+    cfg_data, cfg_train, cfg_optim = config.data, config.train, config.optim
+    if cfg_data.process_sharding not in ("global", "process"):
+        raise ValueError(
+            f"data.process_sharding must be 'global' or 'process', got {cfg_data.process_sharding!r}"
+        )
+    workdir = Path(config.workdir).absolute()
+    proc, nproc = jax.process_index(), jax.process_count()
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    G = cfg_train.global_batch
+    if G % mesh.size:
+        raise ValueError(f"global batch {G} is not divisible by the {mesh.size} devices of the mesh")
+    eval_G = cfg_train.eval_batch or G
+    if eval_G % mesh.size:
+        raise ValueError(f"eval batch {eval_G} is not divisible by the {mesh.size} devices of the mesh")
+
+    # Data
+    open_kw = dict(
+        data_dir=cfg_data.data_dir,
+        image_folder=cfg_data.image_folder,
+        image_key=cfg_data.image_key,
+        label_key=cfg_data.label_key,
+    )
+    per_process = cfg_data.process_sharding == "process" and nproc > 1
+    train_split = data.open_split(
+        cfg_data.dataset,
+        cfg_data.train_split,
+        process_shard=(proc, nproc) if per_process else None,
+        **open_kw,
+    )
+    eval_split = data.open_split(cfg_data.dataset, cfg_data.eval_split, **open_kw)
+    num_classes = config.model.num_classes or train_split.num_classes
+    offset, local = local_batch_offset(mesh, G)
+    if cfg_data.process_sharding == "process":
+        order = data.GlobalOrder(len(train_split), local, cfg_train.seed + 7919 * proc, cfg_data.shuffle)
+        data_offset, data_count = 0, 1
+    else:
+        order = data.GlobalOrder(len(train_split), G, cfg_train.seed, cfg_data.shuffle)
+        data_offset, data_count = offset // local, G // local
+    spe = order.steps_per_epoch
+    total = cfg_train.max_steps if cfg_train.max_steps is not None else max(1, round(cfg_train.epochs * spe))
+    eval_every = cfg_train.eval_every_steps or max(1, round(cfg_train.eval_every_epochs * spe))
+    ckpt_every = config.checkpoint.every_steps
+
+    # Model, optimizer, steps
+    model = build_model(config.model, num_classes, cfg_train.seed)
+    schedule = learning_rate(cfg_optim, G, spe, total)
+    tx = make_optimizer(cfg_optim, schedule)
+    steps = make_steps(
+        model,
+        tx,
+        schedule,
+        mesh,
+        label_smoothing=cfg_optim.label_smoothing,
+        ema_decay=cfg_optim.ema_decay,
+        seed=cfg_train.seed,
+        fsdp_min_size=config.mesh.fsdp_min_size,
+        fast_compile=cfg_train.fast_compile,
+    )
+    state = steps.init_state()
+
+    manager = checkpointing.make_manager(
+        workdir,
+        keep_last=config.checkpoint.keep_last,
+        keep_best=config.checkpoint.keep_best,
+        async_save=config.checkpoint.async_save,
+    )
+    start = 0
+    latest = manager.latest_step()
+    if latest is not None:
+        state, meta = checkpointing.restore(
+            manager, latest, checkpointing.abstract(state, steps.state_shardings)
+        )
+        start = int(meta["step"])
+        if meta.get("data", {}).get("global_batch", G) != G:
+            raise ValueError(
+                f"{workdir} was trained with global batch {meta['data']['global_batch']}, not {G}"
+            )
+        _log(f"resumed from {manager.directory / str(latest)} at step {start} (epoch {start / spe:.2f})")
+    if proc == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json() + "\n")
+        record = {"format": FORMAT, **model.architecture}
+        (workdir / "architecture.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    writer = MetricsWriter(workdir, resume_step=start, tensorboard=config.tensorboard) if proc == 0 else None
+    _log(
+        f"{config.name}: {config.model.name} ({num_classes} classes) on {mesh.size} devices "
+        f"(data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']}, {nproc} process(es)); "
+        f"{len(train_split)} train / {len(eval_split)} eval images, global batch {G}, "
+        f"{spe} steps/epoch, {total} steps (set up in {time.perf_counter() - t_start:.1f} s)"
+    )
+
+    eval_tf = augment.eval_transform(cfg_data.eval_resize, cfg_data.eval_crop, cfg_data.mean, cfg_data.std)
+    train_tf = augment.TrainTransform(
+        crop=cfg_data.train_crop,
+        scale=tuple(cfg_data.crop_scale),
+        random_resized_crop=cfg_data.random_resized_crop,
+        hflip=cfg_data.hflip,
+        auto_augment=cfg_data.auto_augment,
+        random_erasing=cfg_data.random_erasing,
+        mean=tuple(cfg_data.mean),
+        std=tuple(cfg_data.std),
+    )
+    batches = data.train_batches(
+        train_split,
+        order,
+        train_tf,
+        start_step=start,
+        num_steps=total,
+        process_index=data_offset,
+        process_count=data_count,
+        worker_count=cfg_data.worker_count,
+    )
+
+    def run_eval(step: int) -> dict[str, Any]:
+        eval_offset, eval_local = local_batch_offset(mesh, eval_G)
+        ev = functools.partial(
+            data.eval_batches,
+            eval_split,
+            eval_tf,
+            eval_G,
+            process_index=eval_offset // eval_local,
+            process_count=eval_G // eval_local,
+        )
+        metrics = evaluate(steps, state["params"], state["batch_stats"], ev())
+        row = {"step": step, "epoch": step / spe, "kind": "eval", **metrics}
+        if "ema" in state:
+            ema = evaluate(steps, state["ema"]["params"], state["ema"]["batch_stats"], ev())
+            row |= {"ema_top1": ema["top1"], "ema_top5": ema["top5"]}
+        return row
+
+    def save(step: int, metrics: dict[str, Any] | None) -> None:
+        meta = {
+            "step": step,
+            "epoch": step / spe,
+            "data": {
+                "seed": cfg_train.seed,
+                "position": step,
+                "global_batch": G,
+                "dataset": cfg_data.dataset,
+            },
+            "metrics": metrics or {},
+        }
+        ranked = {"top1": float(metrics["top1"])} if metrics else None
+        checkpointing.save(manager, step, state, meta, ranked)
+
+    bar = tqdm(
+        total=total,
+        initial=start,
+        unit="step",
+        desc=config.name,
+        disable=not cfg_train.progress or proc != 0,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    last_eval: dict[str, Any] = {}
+    pending: list[dict[str, jax.Array]] = []
+    t_log, n_log = time.perf_counter(), 0
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, total):
+            images, labels = next(batches)
+            x, y = sharding.global_batch(mesh, images, labels)
+            state, out = steps.train_step(state, x, y)
+            pending.append(out)
+            n_log += 1
+            done = step + 1
+            bar.update(1)
+            if done % cfg_train.log_every_steps == 0 or done == total:
+                losses = [_scalar(o["loss"]) for o in pending]
+                lr = _scalar(pending[-1]["lr"])
+                now = time.perf_counter()
+                ips = n_log * G / max(now - t_log, 1e-9)
+                row = {
+                    "step": done,
+                    "epoch": done / spe,
+                    "kind": "train",
+                    "loss": float(np.mean(losses)),
+                    "lr": lr,
+                    "top1": float(np.mean([_scalar(o["accuracy"]) for o in pending])),
+                    "images_per_s": ips,
+                    "time_s": now - t0,
+                }
+                if writer:
+                    writer.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}", refresh=False)
+                pending, t_log, n_log = [], time.perf_counter(), 0
+            if done % eval_every == 0 or done == total:
+                last_eval = run_eval(done)
+                if writer:
+                    writer.write(last_eval | {"time_s": time.perf_counter() - t0})
+                    if config.plot:
+                        plot_metrics(writer.path)
+                _log(
+                    f"step {done} (epoch {done / spe:.2f}): eval top-1 {last_eval['top1']:.4f} "
+                    f"top-5 {last_eval['top5']:.4f} loss {last_eval['loss']:.4f}"
+                )
+                save(done, last_eval)
+                t_log, n_log = time.perf_counter(), 0
+            elif ckpt_every and done % ckpt_every == 0:
+                save(done, None)
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        if writer:
+            writer.close()
+    _log(f"finished step {total} in {time.perf_counter() - t_start:.1f} s")
+    return {"step": total, "steps_per_epoch": spe, "workdir": str(workdir), **last_eval}
