@@ -40,6 +40,7 @@ from mbv3_jax.layers import Conv2d, DType, Linear, relu
 from mbv3_jax.models.mobilenetv3 import (
     dump_architecture,
     features_out_channels,
+    frozen_backbone_filter,
     mobilenet_v3_config,
     mobilenet_v3_features,
     stage_indices,
@@ -383,14 +384,9 @@ class FasterRCNN(Module):
         """An nnx filter of the parameters torchvision trains: all but the backbone layers before
         the last ``trainable_backbone_layers`` stages (torchvision sets ``requires_grad=False``
         on those). Use it as ``nnx.Optimizer(model, tx, wrt=model.trainable_filter())``."""
-        stages = self._stage_indices
-        trainable = self.trainable_backbone_layers
-        freeze_before = len(self.backbone.body) if trainable == 0 else stages[len(stages) - trainable]
-
-        def frozen(path: tuple, _value: Any) -> bool:
-            return len(path) > 2 and path[:2] == ("backbone", "body") and int(path[2]) < freeze_before
-
-        return nnx.All(nnx.Param, nnx.Not(frozen))
+        return frozen_backbone_filter(
+            self._stage_indices, self.trainable_backbone_layers, len(self.backbone.body), ("backbone", "body")
+        )
 
     # -- traceable implementations ----------------------------------------------------------------
 

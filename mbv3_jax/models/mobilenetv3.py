@@ -278,6 +278,21 @@ def stage_indices(table: Sequence[BlockConfig]) -> list[int]:
     return [0, *strided, len(table) + 1]
 
 
+def frozen_backbone_filter(
+    stages: Sequence[int], trainable_layers: int, num_layers: int, prefix: tuple[str, ...]
+) -> Any:
+    """nnx filter of the parameters torchvision's ``_mobilenet_extractor`` trains: all but the
+    backbone layers (under ``prefix``) before the last ``trainable_layers`` stages, on which
+    torchvision sets ``requires_grad=False``. For ``nnx.Optimizer(model, tx, wrt=...)``."""
+    freeze_before = num_layers if trainable_layers == 0 else stages[len(stages) - trainable_layers]
+    depth = len(prefix)
+
+    def frozen(path: tuple, _value: Any) -> bool:
+        return len(path) > depth and tuple(path[:depth]) == prefix and int(path[depth]) < freeze_before
+
+    return nnx.All(nnx.Param, nnx.Not(frozen))
+
+
 class MobileNetV3(Module):
     """torchvision's ``MobileNetV3``: ``features`` (stem, blocks, last conv), avgpool, classifier.
 

@@ -47,6 +47,7 @@ from mbv3_jax.models.mobilenetv3 import (
     BlockConfig,
     dump_architecture,
     features_out_channels,
+    frozen_backbone_filter,
     mobilenet_v3_config,
     mobilenet_v3_features,
     stage_indices,
@@ -325,14 +326,12 @@ class SSD(Module):
         before the last ``trainable_backbone_layers`` stages (torchvision's ``_mobilenet_extractor``
         sets ``requires_grad=False`` on those; the default 6 trains everything). Use it as
         ``nnx.Optimizer(model, tx, wrt=model.trainable_filter())``."""
-        stages = self._stage_indices
-        trainable = self.trainable_backbone_layers
-        freeze_before = len(self.backbone.features) if trainable == 0 else stages[len(stages) - trainable]
-
-        def frozen(path: tuple, _value: Any) -> bool:
-            return len(path) > 2 and path[:2] == ("backbone", "features") and int(path[2]) < freeze_before
-
-        return nnx.All(nnx.Param, nnx.Not(frozen))
+        return frozen_backbone_filter(
+            self._stage_indices,
+            self.trainable_backbone_layers,
+            len(self.backbone.features),
+            ("backbone", "features"),
+        )
 
     def __call__(
         self, images: Sequence[Any], targets: Sequence[Mapping[str, Any]] | None = None
