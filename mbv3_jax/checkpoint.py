@@ -33,7 +33,11 @@ def _state_dict(model: nnx.Module) -> dict[str, Any]:
 
 
 def save(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Save ``model`` (weights, BatchNorm statistics, architecture) to ``directory``, atomically."""
+    """Save ``model`` (weights, BatchNorm statistics, architecture) to ``directory``, atomically.
+
+    Written by the calling process alone: in a multi-process run, call it from one process (the
+    training script's own checkpoints are ``train.checkpointing``'s, written by all processes).
+    """
     if not hasattr(model, "architecture"):
         raise TypeError(f"{type(model).__name__} has no .architecture record; build it with mbv3_jax.models")
     target = Path(directory).absolute()
@@ -44,7 +48,7 @@ def save(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = F
     try:
         record = {"format": FORMAT, **model.architecture}
         (tmp / _ARCH_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        checkpointer = ocp.StandardCheckpointer()
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
         checkpointer.save(tmp / _STATE_DIR, _state_dict(model))
         checkpointer.wait_until_finished()
         checkpointer.close()
@@ -78,14 +82,27 @@ def read_architecture(directory: str | os.PathLike) -> dict[str, Any]:
     return {"builder": record["builder"], "kwargs": record["kwargs"]}
 
 
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+    """orbax options for I/O by this process alone: by default orbax coordinates every process of a
+    ``jax.distributed`` run (barriers), so a save or load called on one process would wait forever."""
+    return ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()})
+
+
 def load(directory: str | os.PathLike, *, eval_mode: bool = True) -> nnx.Module:
-    """Rebuild the saved model and restore its variables; returned in eval mode by default."""
+    """Rebuild the saved model and restore its variables; returned in eval mode by default.
+
+    Every process that calls it reads the whole model for itself (also inside a multi-process
+    ``jax.distributed`` run), onto its first local device.
+    """
     from mbv3_jax.models import build_from_architecture
 
     directory = Path(directory).absolute()
     model = build_from_architecture(read_architecture(directory))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), _state_dict(model))
-    checkpointer = ocp.StandardCheckpointer()
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=local), _state_dict(model)
+    )
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=_this_process_only())
     try:
         restored = checkpointer.restore(directory / _STATE_DIR, target)
     except Exception as e:

@@ -72,20 +72,18 @@ def _flat(state) -> dict:
     return {tuple(p): np.asarray(v) for p, v in nnx.to_flat_state(state)}
 
 
-def _train_step_both(tv, model, x_nchw, labels):
-    """One train-mode forward/backward on each side; everything mapped to JAX paths and layout."""
+def _train_step_both(tv, model, x_nchw, labels, with_grads: bool = True):
+    """One train-mode forward (and backward) on each side; everything mapped to JAX paths and layout."""
     tv.train()
     tv.zero_grad()
     logits_t = tv(x_nchw)
     loss_t = torch.nn.functional.cross_entropy(logits_t, torch.from_numpy(labels))
-    loss_t.backward()
     rules = rules_for(model.architecture["builder"])
     buffers = {k: v for k, v in tv.state_dict().items() if "running_" in k or "num_batches" in k}
     torch_side = dict(
         logits=logits_t.detach().numpy(),
         loss=loss_t.item(),
         stats=convert_to_jax(buffers, model, rules, strict=False),
-        grads=convert_to_jax({k: p.grad for k, p in tv.named_parameters()}, model, rules, strict=False),
     )
 
     def loss_fn(m, x, y):
@@ -94,17 +92,25 @@ def _train_step_both(tv, model, x_nchw, labels):
 
     model.train()
     x = jnp.asarray(x_nchw.permute(0, 2, 3, 1).numpy())
-    (loss_j, logits_j), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(
-        model, x, jnp.asarray(labels)
-    )
+    if with_grads:
+        loss_t.backward()
+        torch_side["grads"] = convert_to_jax(
+            {k: p.grad for k, p in tv.named_parameters()}, model, rules, strict=False
+        )
+        (loss_j, logits_j), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(
+            model, x, jnp.asarray(labels)
+        )
+    else:  # forward only: compiling the backward costs more than the whole comparison
+        loss_j, logits_j = nnx.jit(loss_fn)(model, x, jnp.asarray(labels))
     variables = model_variables(model)
     jax_side = dict(
         logits=np.asarray(logits_j),
         loss=float(loss_j),
         stats={p: np.asarray(variables[p].get_value()) for p in torch_side["stats"]},
-        grads=_flat(grads),
     )
-    assert set(jax_side["grads"]) == set(torch_side["grads"])
+    if with_grads:
+        jax_side["grads"] = _flat(grads)
+        assert set(jax_side["grads"]) == set(torch_side["grads"])
     return torch_side, jax_side
 
 
@@ -122,13 +128,14 @@ def test_train_mode_float32(name, kwargs, inputs_nchw):
     """Batch-statistics forward and the running stats after one step (unbiased var), fp32."""
     kwargs, tv, x, labels = _train_setup(name, kwargs, inputs_nchw, torch.float32)
     model = load_torchvision(name, tv.state_dict(), **kwargs)
-    ref, got = _train_step_both(tv, model, x, labels)
+    ref, got = _train_step_both(tv, model, x, labels, with_grads=False)
     assert np.max(np.abs(ref["logits"] - got["logits"])) <= TRAIN_TOL * np.max(np.abs(ref["logits"]))
     assert abs(got["loss"] - ref["loss"]) <= TRAIN_TOL * abs(ref["loss"])
     assert_close_tensors(ref["stats"], got["stats"], TRAIN_TOL, "running stat")
 
 
-@pytest.mark.parametrize("name,kwargs", CONFIGS[:3])
+# Large and Small; the dilated backbone's gradients are checked by the segmentation tests.
+@pytest.mark.parametrize("name,kwargs", CONFIGS[:2])
 def test_gradients_float64(name, kwargs, inputs_nchw):
     """Cross-entropy gradients w.r.t. every parameter, both sides in float64.
 

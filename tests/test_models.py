@@ -61,7 +61,9 @@ def test_train_eval_and_compiled_cache():
 
 
 def test_call_inside_user_jit_and_grad():
-    model = mobilenet_v3_small(num_classes=10)
+    # A two-block table (SE, hardswish, residual): the mechanism, not the size, is under test.
+    table = [BlockConfig(16, 3, 16, 16, True, "RE", 2), BlockConfig(16, 3, 48, 16, True, "HS", 1)]
+    model = MobileNetV3(table, last_channel=64, num_classes=10)
     model.eval()
     x = jnp.ones((1, 32, 32, 3))
     from flax import nnx

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import optax
 import pytest
 import torch
 from jax.sharding import PartitionSpec as P
@@ -21,7 +22,7 @@ from train.config import (
     load_config,
 )
 from train.config import TrainConfig as _TrainConfig
-from train.trainer import build_model, learning_rate
+from train.trainer import build_model, learning_rate, make_optimizer
 
 
 def test_shipped_configs():
@@ -146,6 +147,36 @@ def test_learning_rate_scaling():
     sched = learning_rate(OptimConfig(), global_batch=256, steps_per_epoch=10, total_steps=100)
     assert float(sched(0)) == pytest.approx(0.064 / 4)
     assert float(sched(19)) == pytest.approx(0.016) and float(sched(20)) == pytest.approx(0.016 * 0.973)
+
+
+def test_tf_mode_recipe_builds_tf1_rmsprop():
+    """The tf_mode file wires what it says: TF1 RMSProp (mean square from 1, eps inside the sqrt, lr
+    inside the momentum), lr 0.1 per 4096 decayed x0.99 every 3 epochs, L2 on kernels only."""
+    cfg = load_config("tf_mode").optim
+    steps_per_epoch, batch = 10, 1024
+    sched = learning_rate(cfg, global_batch=batch, steps_per_epoch=steps_per_epoch, total_steps=1000)
+    base = 0.1 * batch / 4096
+    assert float(sched(29)) == pytest.approx(base) and float(sched(30)) == pytest.approx(base * 0.99)
+    assert cfg.ema_decay == 0.9999 and load_config("tf_mode").model.dropout == 0.2
+    rng = np.random.default_rng(0)
+    params = {"conv": {"kernel": rng.standard_normal((3, 3, 4, 8))}, "bn": {"scale": rng.standard_normal(8)}}
+    tx = make_optimizer(cfg, sched)
+    state = tx.init(params)
+    theta = {k: dict(v) for k, v in params.items()}
+    ms = {k: {n: np.ones_like(a) for n, a in v.items()} for k, v in params.items()}
+    mom = {k: {n: np.zeros_like(a) for n, a in v.items()} for k, v in params.items()}
+    got = params
+    for step in range(3):
+        grads = {k: {n: rng.standard_normal(a.shape) for n, a in v.items()} for k, v in params.items()}
+        updates, state = tx.update(grads, state, got)
+        got = optax.apply_updates(got, updates)
+        for k, n in (("conv", "kernel"), ("bn", "scale")):
+            g = grads[k][n] + (1e-5 * theta[k][n] if n == "kernel" else 0.0)
+            ms[k][n] = 0.9 * ms[k][n] + 0.1 * g**2
+            mom[k][n] = 0.9 * mom[k][n] + float(sched(step)) * g / np.sqrt(ms[k][n] + 1e-3)
+            theta[k][n] = theta[k][n] - mom[k][n]
+    for k, n in (("conv", "kernel"), ("bn", "scale")):
+        np.testing.assert_allclose(np.asarray(got[k][n]), theta[k][n], rtol=1e-6, atol=1e-7)
 
 
 def test_init_from_torchvision_checkpoint_with_a_new_head(tmp_path):

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from mbv3_jax import optim
 from mbv3_jax.checkpoint import FORMAT
+from mbv3_jax.checkpoint import load as load_saved_model
 from mbv3_jax.layers import BatchNorm
 from mbv3_jax.models import MobileNetV3, get_model, mobilenet_v3_config
 from train import augment, checkpointing, data, sharding
@@ -52,26 +53,8 @@ _HEAD = ("classifier_out",)  # the last Linear: re-initialised when the class co
 
 
 def _saved_model_arrays(directory: Path) -> dict[tuple, np.ndarray]:
-    """The variables of a ``mbv3_jax.save`` directory, read by this process alone (``mbv3_jax.load``
-    would coordinate all processes of a ``jax.distributed`` run, which here each read on their own)."""
-    import orbax.checkpoint as ocp
-
-    from mbv3_jax.checkpoint import read_architecture
-    from mbv3_jax.models import build_from_architecture
-
-    saved = build_from_architecture(read_architecture(directory))
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=local),
-        nnx.to_pure_dict(nnx.state(saved)),
-    )
-    options = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()})
-    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=options)
-    try:
-        restored = checkpointer.restore(directory / "state", target)
-    finally:
-        checkpointer.close()
-    nnx.update(saved, restored)
+    """The variables of a ``mbv3_jax.save`` directory (each process reads it for itself)."""
+    saved = load_saved_model(directory)
     return {
         tuple(p): np.asarray(v.get_value())
         for p, v in nnx.iter_graph(saved)
