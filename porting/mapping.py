@@ -59,6 +59,24 @@ FC_CHW_TO_HWC = Transform("linear over (C,7,7) -> (7,7,C) inputs", _fc_chw_to_hw
 COUNTER = Transform("int64 counter", lambda a: a.astype(np.int32), lambda a: a.astype(np.int64))
 
 
+# Quantized models. torch keeps zero points as int64 tensors; mbv3_jax as int32 scalars.
+ZERO_POINT = Transform("int64 zero point", lambda a: a.astype(np.int32), lambda a: a.astype(np.int64))
+
+
+def _one_to_scalar(a: np.ndarray) -> np.ndarray:
+    # Anything but one element passes through unchanged, so the shape check reports it.
+    return a.reshape(()) if a.size == 1 else a
+
+
+# QuantStub's scale / zero_point are 1-element tensors in torch, scalars in mbv3_jax.
+SCALAR_1 = Transform("(1,) -> scalar", _one_to_scalar, lambda a: np.asarray(a).reshape(1))
+ZERO_POINT_1 = Transform(
+    "int64 (1,) zero point -> int32 scalar",
+    lambda a: _one_to_scalar(a).astype(np.int32),
+    lambda a: np.asarray(a).reshape(1).astype(np.int64),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """``pattern`` (full match on a torch key) -> ``target`` (``re`` template, dots between parts)."""

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from porting.mapping import CONV_OIHW_TO_HWIO, FC_CHW_TO_HWC, LINEAR_TRANSPOSE, Rule, batchnorm_rules
+from porting.mapping import (
+    CONV_OIHW_TO_HWIO,
+    FC_CHW_TO_HWC,
+    LINEAR_TRANSPOSE,
+    SCALAR_1,
+    ZERO_POINT,
+    ZERO_POINT_1,
+    Rule,
+    Transform,
+    batchnorm_rules,
+)
 
 
 def mobilenet_v3_features_rules(torch_prefix: str = "features", jax_prefix: str = "features") -> list[Rule]:
@@ -162,6 +172,42 @@ SSDLITE_RULES: list[Rule] = [
     ),
 ]
 
+
+def output_qparams_rules(torch_prefix: str, jax_prefix: str) -> list[Rule]:
+    """A quantized op's output ``scale`` / ``zero_point`` buffers (regex prefixes)."""
+    return [
+        Rule(rf"{torch_prefix}\.scale", rf"{jax_prefix}.scale"),
+        Rule(rf"{torch_prefix}\.zero_point", rf"{jax_prefix}.zero_point", ZERO_POINT),
+    ]
+
+
+def quantized_weight_rules(torch_prefix: str, jax_prefix: str, layout: Transform) -> list[Rule]:
+    """A converted quantized Conv2d / Linear: int8 weight values (``.weight``, its ``q_scale``
+    split out as ``.weight.q_scale`` by porting.torchvision_io), float bias, output qparams."""
+    return [
+        Rule(rf"{torch_prefix}\.weight", rf"{jax_prefix}.kernel", layout),
+        Rule(rf"{torch_prefix}\.weight\.q_scale", rf"{jax_prefix}.weight_scale"),
+        Rule(rf"{torch_prefix}\.bias", rf"{jax_prefix}.bias"),
+        *output_qparams_rules(torch_prefix, jax_prefix),
+    ]
+
+
+# torchvision's quantized MobileNetV3 after convert, keys as porting.torchvision_io expands them
+# (quantized tensors -> int values + ``.q_scale``; a Linear's packed params -> weight / bias).
+_Q_LAYER = r"features\.(\d+(?:\.block\.\d+)?)"  # a Conv2dNormActivation: features.N[.block.M]
+QUANTIZED_MOBILENET_V3_RULES: list[Rule] = [
+    Rule(r"quant\.scale", "quant.scale", SCALAR_1),
+    Rule(r"quant\.zero_point", "quant.zero_point", ZERO_POINT_1),
+    *quantized_weight_rules(rf"{_Q_LAYER}\.0", r"features.\1.conv", CONV_OIHW_TO_HWIO),
+    *output_qparams_rules(rf"{_Q_LAYER}\.2", r"features.\1.act"),
+    *quantized_weight_rules(r"features\.(\d+\.block\.\d+)\.(fc[12])", r"features.\1.\2", CONV_OIHW_TO_HWIO),
+    *output_qparams_rules(r"features\.(\d+\.block\.\d+)\.skip_mul", r"features.\1.skip_mul"),
+    *output_qparams_rules(r"features\.(\d+)\.skip_add", r"features.\1.skip_add"),
+    *quantized_weight_rules(r"classifier\.0", "classifier_hidden", LINEAR_TRANSPOSE),
+    *output_qparams_rules(r"classifier\.1", "classifier_act"),
+    *quantized_weight_rules(r"classifier\.3", "classifier_out", LINEAR_TRANSPOSE),
+]
+
 # builder name (as recorded in model.architecture) -> mapping table.
 RULES: dict[str, list[Rule]] = {
     "mobilenet_v3_large": MOBILENET_V3_CLASSIFIER_RULES,
@@ -173,6 +219,7 @@ RULES: dict[str, list[Rule]] = {
     "fasterrcnn_mobilenet_v3_large_fpn": FASTER_RCNN_RULES,
     "fasterrcnn_mobilenet_v3_large_320_fpn": FASTER_RCNN_RULES,
     "ssdlite320_mobilenet_v3_large": SSDLITE_RULES,
+    "quantized_mobilenet_v3_large": QUANTIZED_MOBILENET_V3_RULES,
 }
 
 

@@ -11,8 +11,10 @@ checkpoint never executes code.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,8 @@ def build_torchvision_model(architecture: Mapping[str, Any]) -> torch.nn.Module:
         return _faster_rcnn(builder, **kwargs)
     if builder == "ssdlite320_mobilenet_v3_large":
         return _ssdlite(**kwargs)
+    if builder in QUANTIZED_MODELS:
+        return build_quantized_torchvision(kwargs)
     if builder in _HAS_BACKBONE_WEIGHTS:  # never download backbone weights for an empty model
         kwargs.setdefault("weights_backbone", None)
     return torchvision.models.get_model(builder, weights=None, **kwargs)
@@ -223,7 +227,11 @@ def state_dict_from(obj: Any, checkpoint_key: str = "model", source: str = "chec
         )
     if checkpoint_key in obj and isinstance(obj[checkpoint_key], Mapping):
         obj = obj[checkpoint_key]
-    bad = [k for k, v in obj.items() if not (hasattr(v, "shape") and hasattr(v, "dtype"))]
+    bad = [
+        k
+        for k, v in obj.items()
+        if not ((hasattr(v, "shape") and hasattr(v, "dtype")) or _is_packed_params_entry(k, v))
+    ]
     if bad:
         raise CheckpointError(
             f"{source}: entries {bad[:5]} are not tensors; a training checkpoint should hold the "
@@ -233,7 +241,20 @@ def state_dict_from(obj: Any, checkpoint_key: str = "model", source: str = "chec
     # Saved from a DistributedDataParallel wrapper: strip its "module." prefix.
     if keys and all(k.startswith("module.") for k in keys):
         obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return dict(obj)
+    metadata = getattr(obj, "_metadata", None)
+    if metadata is None:
+        return dict(obj)
+    # Keep torch's per-module versions: loading a QAT checkpoint into torch reads them.
+    out = collections.OrderedDict(obj)
+    out._metadata = metadata  # type: ignore[attr-defined]
+    return out
+
+
+def _is_packed_params_entry(key: str, value: Any) -> bool:
+    """A converted quantized Linear's ``_packed_params``: a (weight, bias) tuple and a dtype."""
+    if key.endswith("._packed_params._packed_params"):
+        return isinstance(value, tuple) and all(v is None or isinstance(v, torch.Tensor) for v in value)
+    return key.endswith("._packed_params.dtype") and isinstance(value, torch.dtype)
 
 
 def resolve_weights(
@@ -304,6 +325,12 @@ def load_torchvision(
 
     For DeepLabV3 / FCN, ``aux_loss`` defaults to whether the checkpoint has the auxiliary head.
 
+    For ``quantized_mobilenet_v3_large``: a converted quantized state_dict (quantized weights, packed
+    Linear params, scale / zero_point buffers), or torchvision's published format, the state_dict of
+    the prepared QAT model (``IMAGENET1K_QNNPACK_V1``), which is converted here with torch as
+    torchvision's builder does, with ``torch.backends.quantized.engine`` = ``backend`` (the
+    requantization rounding the JAX model follows, default "qnnpack").
+
     Returns the NNX model in eval mode. The mapping is strict: any unexpected, missing or
     mis-shaped tensor raises :class:`porting.mapping.WeightMappingError` naming it.
     """
@@ -326,6 +353,10 @@ def load_torchvision(
     if name in _HAS_AUX_HEAD and "aux_loss" not in kwargs:
         # The checkpoint says whether it has the auxiliary head (torchvision's COCO weights do).
         kwargs["aux_loss"] = any(k.startswith("aux_classifier.") for k in state_dict)
+    if name in QUANTIZED_MODELS:
+        if enum is not None and "backend" in enum.meta:
+            kwargs.setdefault("backend", enum.meta["backend"])
+        state_dict = quantized_tensors(state_dict, kwargs, source)
     model = jax_models.get_model(name, **kwargs)
     arrays = convert_to_jax(
         state_dict,
@@ -378,6 +409,8 @@ def _load_backbone_only(
 def to_torchvision(model: nnx.Module) -> collections.OrderedDict[str, torch.Tensor]:
     """The model's weights as a torchvision state_dict (loads with ``strict=True``; checked here)."""
     architecture = model.architecture
+    if architecture["builder"] in QUANTIZED_MODELS:
+        return _quantized_to_torchvision(model)
     tv_model = build_torchvision_model(architecture)
     reference = tv_model.state_dict()
     arrays = convert_to_torch(
@@ -389,6 +422,184 @@ def to_torchvision(model: nnx.Module) -> collections.OrderedDict[str, torch.Tens
     )
     try:
         tv_model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:  # would be a bug in the mapping tables
+        raise WeightMappingError(f"torchvision rejected the exported state_dict: {e}") from e
+    return state_dict
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantized models (torch's eager-mode quantization, converted)
+
+QUANTIZED_MODELS = {"quantized_mobilenet_v3_large"}
+# The qconfig torchvision's quantized MobileNetV3 uses (and its published QAT weights were trained
+# with): per-tensor symmetric int8 weights, which is what the JAX integer model implements.
+QAT_QCONFIG_BACKEND = "qnnpack"
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str) -> Iterator[None]:
+    """Run with ``torch.backends.quantized.engine = engine`` (weights are packed for the engine
+    current at ``convert`` / ``load_state_dict`` time, and kernels are chosen by it)."""
+    if engine not in torch.backends.quantized.supported_engines:
+        raise ValueError(
+            f"quantized engine {engine!r} is not available in this torch build; "
+            f"supported: {torch.backends.quantized.supported_engines}"
+        )
+    saved = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = saved
+
+
+@contextlib.contextmanager
+def _quiet_quantization() -> Iterator[None]:
+    # torch.ao.quantization's deprecation notice and "observer not run" warnings for an
+    # uncalibrated reference model say nothing about the conversion here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"torch\.ao\.")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize.*", category=UserWarning)
+        yield
+
+
+def _torchvision_quantizable_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k not in ("backend", "dropout", "weights", "quantize")}
+
+
+def build_quantized_torchvision(kwargs: Mapping[str, Any]) -> torch.nn.Module:
+    """torchvision's converted quantized MobileNetV3-Large (``quantize=True, weights=None``: default
+    qparams) for mbv3_jax builder kwargs, packed for the engine of ``kwargs["backend"]``."""
+    from torchvision.models.quantization import mobilenet_v3_large
+
+    engine = kwargs.get("backend", "qnnpack")
+    with quantized_engine(engine), _quiet_quantization():
+        tv_kwargs = _torchvision_quantizable_kwargs(kwargs)
+        return mobilenet_v3_large(weights=None, quantize=True, backend=QAT_QCONFIG_BACKEND, **tv_kwargs)
+
+
+def is_qat_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """A state_dict of a *prepared QAT* model (fake-quant observers, unfolded BatchNorm): the format
+    of torchvision's published quantized MobileNetV3 weights."""
+    return any(".weight_fake_quant." in k or "activation_post_process." in k for k in state_dict)
+
+
+def convert_qat_state_dict(
+    state_dict: Mapping[str, Any], kwargs: Mapping[str, Any], engine: str = "qnnpack"
+) -> collections.OrderedDict[str, Any]:
+    """What torchvision's ``quantization.mobilenet_v3_large(weights=..., quantize=True)`` does with its
+    QAT checkpoint: fuse, QAT qconfig, ``prepare_qat``, load, ``convert`` (under ``engine``).
+    Returns the converted model's state_dict."""
+    from torchvision.models.quantization import mobilenet_v3_large
+
+    with quantized_engine(engine), _quiet_quantization():
+        model = mobilenet_v3_large(weights=None, quantize=False, **_torchvision_quantizable_kwargs(kwargs))
+        model.fuse_model(is_qat=True)
+        model.qconfig = torch.ao.quantization.get_default_qat_qconfig(QAT_QCONFIG_BACKEND)
+        model.train()
+        torch.ao.quantization.prepare_qat(model, inplace=True)
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as e:
+            raise WeightMappingError(
+                f"the QAT checkpoint does not fit torchvision's prepared QAT quantized MobileNetV3 "
+                f"({kwargs}): {e}"
+            ) from e
+        torch.ao.quantization.convert(model, inplace=True)
+        model.eval()
+        return model.state_dict()
+
+
+def expand_quantized_state_dict(state_dict: Mapping[str, Any], source: str = "checkpoint") -> dict[str, Any]:
+    """A converted quantized state_dict as plain arrays for the declarative mapping: each quantized
+    weight ``K`` becomes ``K`` (int8 values) and ``K.q_scale``; a Linear's packed params
+    ``P._packed_params._packed_params`` become ``P.weight`` / ``P.bias``."""
+    out: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor) and value.is_quantized:
+            if value.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                raise WeightMappingError(
+                    f"{source}: key {key!r} is quantized {value.qscheme()}; the JAX integer model takes "
+                    "per-tensor weights (torchvision's qnnpack qconfig), not the x86 qconfig's per-channel"
+                )
+            if value.dtype != torch.qint8 or value.q_zero_point() != 0:
+                raise WeightMappingError(
+                    f"{source}: key {key!r} is {value.dtype} with zero point {value.q_zero_point()}; "
+                    "expected symmetric qint8 weights (zero point 0)"
+                )
+            out[key] = value.int_repr().numpy()
+            out[key + ".q_scale"] = np.asarray(value.q_scale(), dtype=np.float32)
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.detach().cpu().numpy()
+        else:
+            out[key] = value
+
+    for key, value in state_dict.items():
+        if key.endswith("._packed_params.dtype"):
+            if value != torch.qint8:
+                raise WeightMappingError(
+                    f"{source}: key {key!r} is {value}; only qint8 Linear weights are supported"
+                )
+            continue
+        if key.endswith("._packed_params._packed_params"):
+            prefix = key[: -len("_packed_params._packed_params")]
+            weight, bias = value
+            put(prefix + "weight", weight)
+            if bias is not None:
+                put(prefix + "bias", bias)
+            continue
+        put(key, value)
+    return out
+
+
+def quantized_tensors(
+    state_dict: Mapping[str, Any], kwargs: Mapping[str, Any], source: str
+) -> dict[str, Any]:
+    """The arrays the quantized mapping table reads, from a converted state_dict or (converted here
+    with torch first) a QAT one."""
+    if is_qat_state_dict(state_dict):
+        state_dict = convert_qat_state_dict(state_dict, kwargs, kwargs.get("backend", "qnnpack"))
+    return expand_quantized_state_dict(state_dict, source)
+
+
+def _quantized_to_torchvision(model: nnx.Module) -> collections.OrderedDict[str, Any]:
+    """The integer model as a converted torchvision state_dict (quantized weights, packed Linear
+    params, scale / zero_point buffers), checked by loading it into torchvision's converted model."""
+    architecture = model.architecture
+    engine = architecture["kwargs"].get("backend", "qnnpack")
+    tv_model = build_quantized_torchvision(architecture["kwargs"])
+    reference = tv_model.state_dict()
+    expected = expand_quantized_state_dict(reference, "torchvision's converted model")
+    arrays = convert_to_torch(
+        model, {k: np.shape(v) for k, v in expected.items()}, rules_for(architecture["builder"])
+    )
+
+    def tensor(key: str, like: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.array(arrays[key], dtype=like.numpy().dtype))
+
+    def qweight(key: str) -> torch.Tensor:
+        values = torch.from_numpy(np.array(arrays[key], dtype=np.int8))
+        return torch._make_per_tensor_quantized_tensor(values, float(arrays[key + ".q_scale"]), 0)
+
+    state_dict: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    for key, value in reference.items():
+        if key.endswith("._packed_params.dtype"):
+            state_dict[key] = torch.qint8
+        elif key.endswith("._packed_params._packed_params"):
+            prefix = key[: -len("_packed_params._packed_params")]
+            bias = None if value[1] is None else tensor(prefix + "bias", value[1].detach())
+            state_dict[key] = (qweight(prefix + "weight"), bias)
+        elif value.is_quantized:
+            state_dict[key] = qweight(key)
+        else:
+            state_dict[key] = tensor(key, value.detach())
+    # Module versions: a quantized Linear reads its packed params by the version recorded here.
+    state_dict._metadata = reference._metadata  # type: ignore[attr-defined]
+    try:
+        with quantized_engine(engine), _quiet_quantization():
+            tv_model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:  # would be a bug in the mapping tables
         raise WeightMappingError(f"torchvision rejected the exported state_dict: {e}") from e
     return state_dict

@@ -1,5 +1,6 @@
 """The two commands, end to end (offline)."""
 
+import pytest
 import torch
 import torchvision
 
@@ -54,3 +55,13 @@ def test_mbv3_parity_segmentation_figures(tmp_path, capsys):
 
     with Image.open(tmp_path / figures[1]) as im:  # 4 panels side by side at the 520 preset size
         assert im.width > 4 * 780 and im.height > 520
+
+
+def test_quantized_model_points_to_its_parity_test(capsys):
+    for argv, main in (
+        (["quantized_mobilenet_v3_large"], parity_main),
+        (["quantized_mobilenet_v3_large", "--weights", "x.pth", "--out", "y", "--check"], port_main),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "tests/test_quantized_parity.py" in capsys.readouterr().err

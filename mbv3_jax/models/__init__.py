@@ -7,6 +7,7 @@ from typing import Any
 
 from flax import nnx
 
+from mbv3_jax.models import quantization
 from mbv3_jax.models.detection import (
     FasterRCNN,
     FasterRCNNConfig,
@@ -43,6 +44,7 @@ BUILDERS: dict[str, Callable[..., nnx.Module]] = {
     "fasterrcnn_mobilenet_v3_large_fpn": fasterrcnn_mobilenet_v3_large_fpn,
     "fasterrcnn_mobilenet_v3_large_320_fpn": fasterrcnn_mobilenet_v3_large_320_fpn,
     "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large,
+    "quantized_mobilenet_v3_large": quantization.mobilenet_v3_large,
 }
 
 
@@ -99,4 +101,5 @@ __all__ = [
     "mobilenet_v3_config",
     "mobilenet_v3_large",
     "mobilenet_v3_small",
+    "quantization",
 ]
