@@ -24,7 +24,12 @@ from porting.calibration import (
     segmentation_inputs,
 )
 from porting.parity import ParityReport, format_table, run_detection_parity, run_parity
-from porting.torchvision_io import build_torchvision_model, load_torchvision, resolve_weights
+from porting.torchvision_io import (
+    QUANTIZED_MODELS,
+    build_torchvision_model,
+    load_torchvision,
+    resolve_weights,
+)
 
 
 def _add_builder_options(parser: argparse.ArgumentParser) -> None:
@@ -59,9 +64,8 @@ DETECTION_MODELS = (
     "ssdlite320_mobilenet_v3_large",
 )
 SEGMENTATION_MODELS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_mobilenet_v3_large")
-# Integer models: their parity (per-op uint8 outputs per quantized engine) is tests/test_quantized_parity.py;
-# the float comparison flow here does not apply to them.
-QUANTIZED_MODELS = ("quantized_mobilenet_v3_large",)
+# Integer models (porting.torchvision_io.QUANTIZED_MODELS): their parity (per-op uint8 outputs per
+# quantized engine) is tests/test_quantized_parity.py; the float comparison flow here does not apply.
 QUANTIZED_PARITY_HINT = (
     "the quantized model's parity is checked op by op per engine by tests/test_quantized_parity.py "
     "(pytest tests/test_quantized_parity.py -s); mbv3-parity does not cover it yet"
