@@ -15,6 +15,7 @@ only at rounding level.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -112,8 +113,7 @@ def _fast_cpu_path() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def depthwise_conv_shift(x: Array, kernel: Array, stride: int, padding: int, dilation: int) -> Array:
-    """Depthwise conv as k*k shifted multiply-adds. x: NHWC, kernel: (kh, kw, 1, C)."""
+def _depthwise_shift_forward(x: Array, kernel: Array, stride: int, padding: int, dilation: int) -> Array:
     kh, kw = kernel.shape[:2]
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
@@ -132,6 +132,74 @@ def depthwise_conv_shift(x: Array, kernel: Array, stride: int, padding: int, dil
             term = tap * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
+
+
+# Output rows are summed in up to this many groups before the final reduction (see below).
+_KERNEL_GRAD_ROW_GROUPS = 8
+
+
+def depthwise_kernel_grad(
+    x: Array, g: Array, kernel_size: tuple[int, int], stride: int, padding: int, dilation: int
+) -> Array:
+    """d(sum(depthwise(x, k) * g)) / dk, shape (kh, kw, 1, C).
+
+    Autodiff gives one strided tap of x times g per kernel element, each reduced over (N, H, W):
+    XLA:CPU hands each reduction to a YNNPACK fusion that needs its operand in memory, so every
+    tap is written out in full (25 copies of a 5x5 layer's input; ~20% of a training step). Here
+    each tap's products are first summed over groups of output rows inside one loop fusion (no
+    full-size tap is ever written), then the small partial sums are reduced once: the kernel
+    gradient costs about half as much. Rows are split, not the batch: the batch may be sharded.
+    """
+    kh, kw = kernel_size
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    n, out_h, out_w, c = g.shape
+    groups = max(d for d in range(1, _KERNEL_GRAD_ROW_GROUPS + 1) if out_h % d == 0)
+    rows = out_h // groups
+    acc_dtype = jnp.promote_types(g.dtype, jnp.float32)
+    x, g = x.astype(acc_dtype), g.astype(acc_dtype)
+    partial_sums = []
+    for i in range(kh):
+        for j in range(kw):
+            acc = None
+            for k in range(groups):
+                r0, c0 = i * dilation + stride * k * rows, j * dilation
+                tap = jax.lax.slice(
+                    x,
+                    (0, r0, c0, 0),
+                    (n, r0 + (rows - 1) * stride + 1, c0 + (out_w - 1) * stride + 1, c),
+                    (1, stride, stride, 1),
+                )
+                term = tap * g[:, k * rows : (k + 1) * rows]
+                acc = term if acc is None else acc + term
+            partial_sums.append(acc)
+    stacked = jnp.stack(partial_sums, axis=3)  # (N, rows, W, kh*kw, C)
+    return jnp.sum(stacked, axis=(0, 1, 2)).reshape(kh, kw, 1, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def depthwise_conv_shift(x: Array, kernel: Array, stride: int, padding: int, dilation: int) -> Array:
+    """Depthwise conv as k*k shifted multiply-adds. x: NHWC, kernel: (kh, kw, 1, C).
+
+    The input gradient is autodiff's (transposed slices); the kernel gradient is
+    ``depthwise_kernel_grad``, which XLA:CPU runs ~2x faster than autodiff's.
+    """
+    return _depthwise_shift_forward(x, kernel, stride, padding, dilation)
+
+
+def _depthwise_shift_fwd(x, kernel, stride, padding, dilation):
+    return _depthwise_shift_forward(x, kernel, stride, padding, dilation), (x, kernel)
+
+
+def _depthwise_shift_bwd(stride, padding, dilation, residuals, g):
+    x, kernel = residuals
+    _, x_vjp = jax.vjp(lambda x_: _depthwise_shift_forward(x_, kernel, stride, padding, dilation), x)
+    (dx,) = x_vjp(g)
+    dk = depthwise_kernel_grad(x, g, kernel.shape[:2], stride, padding, dilation)
+    return dx, dk.astype(kernel.dtype)
+
+
+depthwise_conv_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
 def pointwise_conv_dot(x: Array, kernel: Array, precision=None) -> Array:

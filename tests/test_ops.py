@@ -1,4 +1,4 @@
-"""Array ops against torch: bilinear interpolation (align_corners=False) and the atrous conv rewrite."""
+"""Array ops against torch or XLA: bilinear interpolation, the atrous and depthwise conv rewrites."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mbv3_jax.layers import dilated_conv_taps
+from mbv3_jax.layers import depthwise_conv_shift, dilated_conv_taps
 from mbv3_jax.ops import interpolate_bilinear
 
 
@@ -59,3 +59,44 @@ def test_interpolate_bilinear_float64_matches_torch():
         got = np.asarray(interpolate_bilinear(jnp.asarray(x), (520, 781)))
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, ref.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "shape,kernel,stride,dilation",
+    [
+        ((2, 13, 17, 5), 3, 1, 1),  # 13 output rows: prime, one row group per row
+        ((3, 14, 11, 4), 5, 2, 1),
+        ((2, 16, 16, 3), 3, 2, 1),  # 8 output rows: 8 groups of 1
+        ((2, 15, 15, 3), 3, 1, 2),
+        ((1, 7, 9, 6), 5, 1, 1),
+    ],
+)
+def test_depthwise_conv_shift_gradients_match_xla_conv(shape, kernel, stride, dilation):
+    """The shift depthwise's hand-written kernel gradient equals autodiff of XLA's grouped conv (float64)."""
+    rng = np.random.default_rng(sum(shape) + kernel)
+    channels, padding = shape[-1], (kernel - 1) // 2 * dilation
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal(shape))
+        k = jnp.asarray(rng.standard_normal((kernel, kernel, 1, channels)))
+
+        def xla_conv(x, k):
+            return jax.lax.conv_general_dilated(
+                x,
+                k,
+                (stride, stride),
+                ((padding, padding),) * 2,
+                rhs_dilation=(dilation, dilation),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=channels,
+            )
+
+        def loss(conv):
+            return lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+
+        ref = jax.grad(loss(xla_conv), (0, 1))(x, k)
+        got = jax.jit(
+            jax.grad(loss(lambda x, k: depthwise_conv_shift(x, k, stride, padding, dilation)), (0, 1))
+        )(x, k)
+    for r, g in zip(ref, got, strict=True):
+        assert g.dtype == np.float64 and g.shape == r.shape
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-12, atol=1e-12)
