@@ -330,6 +330,45 @@ class Linear(Module):
 # BatchNorm with torch's semantics
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: Array, scale: Array, bias: Array, eps: float) -> tuple[Array, Array, Array]:
+    """Normalise ``x`` (..., C) with its batch statistics: (y, mean, biased variance).
+
+    torch's two-pass statistics. The VJP is written out (the textbook BatchNorm backward: two
+    per-channel sums, then one elementwise pass); autodiff of the forward formula gives the same
+    numbers with more full-size passes (BN + hardswish on 100352x64, forward and backward:
+    ~59 -> ~39 ms).
+    """
+    return _batch_norm_train_fwd(x, scale, bias, eps)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, eps):
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    centered = x - mean
+    var = jnp.mean(jnp.square(centered), axis=axes)
+    rstd = jax.lax.rsqrt(var + eps)
+    return (centered * rstd * scale + bias, mean, var), (x, mean, rstd, scale)
+
+
+def _batch_norm_train_bwd(eps, residuals, cotangents):
+    x, mean, rstd, scale = residuals
+    dy, dmean, dvar = cotangents
+    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
+    xhat = (x - mean) * rstd
+    dbias = jnp.sum(dy, axis=axes)
+    dscale = jnp.sum(dy * xhat, axis=axes)
+    dx = (scale * rstd) * (dy - dbias / n - xhat * (dscale / n))
+    # The statistics themselves are outputs too (the running averages use them under
+    # stop_gradient, so these cotangents are zeros in practice; kept for a correct VJP).
+    dx = dx + dmean / n + xhat * (dvar * (2.0 / (n * rstd)))
+    return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
 class BatchNorm(Module):
     """torch.nn.BatchNorm2d over the last axis.
 
@@ -368,17 +407,14 @@ class BatchNorm(Module):
             inv = scale / jnp.sqrt(self.var[...].astype(stat_dtype) + self.eps)
             shift = bias - self.mean[...].astype(stat_dtype) * inv
             return (x.astype(stat_dtype) * inv + shift).astype(dtype)
-        xf = x.astype(stat_dtype)
         axes = tuple(range(x.ndim - 1))
-        mean = jnp.mean(xf, axis=axes)
-        centered = xf - mean
-        var = jnp.mean(jnp.square(centered), axis=axes)
         n = int(np.prod([x.shape[a] for a in axes]))
         if n <= 1:  # torch raises too: the batch variance of one value is meaningless
             raise ValueError(
                 f"BatchNorm in train mode needs more than 1 value per channel, got input shape {x.shape} "
                 "(a batch of one image through a pooled branch?): use a larger batch or model.eval()"
             )
+        y, mean, var = batch_norm_train(x.astype(stat_dtype), scale, bias, self.eps)
         m = self.momentum
         unbiased = var * (n / (n - 1))
         stat = self.mean[...].dtype
@@ -389,7 +425,6 @@ class BatchNorm(Module):
         self.var.set_value(((1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)).astype(stat))
         count = self.num_batches_tracked[...]
         self.num_batches_tracked.set_value((count + 1).astype(count.dtype))
-        y = centered * jax.lax.rsqrt(var + self.eps) * scale + bias
         return y.astype(dtype)
 
 

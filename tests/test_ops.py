@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mbv3_jax.layers import depthwise_conv_shift, dilated_conv_taps
+from mbv3_jax.layers import batch_norm_train, depthwise_conv_shift, dilated_conv_taps
 from mbv3_jax.ops import interpolate_bilinear
 
 
@@ -99,4 +99,29 @@ def test_depthwise_conv_shift_gradients_match_xla_conv(shape, kernel, stride, di
         )(x, k)
     for r, g in zip(ref, got, strict=True):
         assert g.dtype == np.float64 and g.shape == r.shape
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-12, atol=1e-12)
+
+
+def test_batch_norm_train_vjp_matches_autodiff():
+    """The hand-written BatchNorm VJP equals autodiff of its formula, statistics included (float64)."""
+    rng = np.random.default_rng(3)
+
+    def formula(x, scale, bias, eps):
+        mean = jnp.mean(x, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+        return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias, mean, var
+
+    with jax.enable_x64(True):
+        args = [
+            jnp.asarray(rng.standard_normal(s) + o)
+            for s, o in (((3, 5, 7, 4), 2.0), ((4,), 1.0), ((4,), 0.0))
+        ]
+        weights = [jnp.asarray(rng.standard_normal(s)) for s in ((3, 5, 7, 4), (4,), (4,))]
+
+        def loss(fn):
+            return lambda *a: sum(jnp.sum(jnp.sin(o) * w) for o, w in zip(fn(*a, 1e-3), weights, strict=True))
+
+        ref = jax.grad(loss(formula), (0, 1, 2))(*args)
+        got = jax.jit(jax.grad(loss(batch_norm_train), (0, 1, 2)))(*args)
+    for r, g in zip(ref, got, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-12, atol=1e-12)
