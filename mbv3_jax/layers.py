@@ -306,24 +306,37 @@ class Conv2d(Module):
 
 
 class Linear(Module):
-    """torch.nn.Linear; kernel stored (in, out). Default init N(0, 0.01) as torchvision's classifier."""
+    """torch.nn.Linear. Default init N(0, 0.01) as torchvision's classifier.
+
+    The kernel is stored (in, out), or (out, in) as torch stores it with ``kernel_layout="out_in"``:
+    XLA:CPU multiplies a wide input (Faster R-CNN's fc6: 150 x 12544 @ 12544 x 1024) ~15% faster
+    with the kernel's contraction axis minor.
+    """
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
         *,
+        kernel_layout: str = "in_out",
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if kernel_layout not in ("in_out", "out_in"):
+            raise ValueError(f"kernel_layout must be 'in_out' or 'out_in', got {kernel_layout!r}")
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
-        self.kernel = nnx.Param(normal_init(rngs, (in_features, out_features), 0.01, param_dtype))
+        self.kernel_layout = kernel_layout
+        shape = (in_features, out_features) if kernel_layout == "in_out" else (out_features, in_features)
+        self.kernel = nnx.Param(normal_init(rngs, shape, 0.01, param_dtype))
         self.bias = nnx.Param(_const((out_features,), 0.0, param_dtype))
 
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or x.dtype
-        return jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype)) + self.bias[...].astype(dtype)
+        kernel = self.kernel[...].astype(dtype)
+        contract = 0 if self.kernel_layout == "in_out" else 1
+        y = jax.lax.dot_general(x.astype(dtype), kernel, (((x.ndim - 1,), (contract,)), ((), ())))
+        return y + self.bias[...].astype(dtype)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -44,16 +44,16 @@ LINEAR_TRANSPOSE = Transform("linear (out,in)->(in,out)", lambda a: a.T, lambda 
 
 def _fc_chw_to_hwc(a: np.ndarray, side: int = 7) -> np.ndarray:
     out = a.shape[0]
-    return a.reshape(out, -1, side, side).transpose(2, 3, 1, 0).reshape(-1, out)
+    return a.reshape(out, -1, side, side).transpose(0, 2, 3, 1).reshape(out, -1)
 
 
 def _fc_hwc_to_chw(a: np.ndarray, side: int = 7) -> np.ndarray:
-    out = a.shape[1]
-    return a.reshape(side, side, -1, out).transpose(3, 2, 0, 1).reshape(out, -1)
+    out = a.shape[0]
+    return a.reshape(out, side, side, -1).transpose(0, 3, 1, 2).reshape(out, -1)
 
 
-# A Linear after flattening (C, 7, 7) RoI features: torch's rows are channel-major, mbv3_jax
-# flattens NHWC features (y, x, channel), so the weight's input axis is permuted on the way.
+# A Linear after flattening (C, 7, 7) RoI features, kept (out, in) as torch stores it: torch's
+# input axis is channel-major, mbv3_jax flattens NHWC features (y, x, channel), so it is permuted.
 FC_CHW_TO_HWC = Transform("linear over (C,7,7) -> (7,7,C) inputs", _fc_chw_to_hwc, _fc_hwc_to_chw)
 # torch stores num_batches_tracked as int64; JAX keeps int32 unless x64 is enabled.
 COUNTER = Transform("int64 counter", lambda a: a.astype(np.int32), lambda a: a.astype(np.int64))

@@ -149,11 +149,12 @@ class RPN(Module):
 
 
 class TwoMLPHead(Module):
-    """fc6 -> ReLU -> fc7 -> ReLU. fc6's rows are stored in (y, x, channel) order so the NHWC RoI
-    features flatten directly; the porting layer permutes torch's channel-major rows."""
+    """fc6 -> ReLU -> fc7 -> ReLU. fc6's kernel is stored (out, in) like torch's, with its input
+    axis in (y, x, channel) order so the NHWC RoI features flatten directly; the porting layer
+    permutes torch's channel-major inputs."""
 
     def __init__(self, in_features: int, representation: int, *, kw: dict[str, Any]):
-        self.fc6 = Linear(in_features, representation, **kw)
+        self.fc6 = Linear(in_features, representation, kernel_layout="out_in", **kw)
         self.fc7 = Linear(representation, representation, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
