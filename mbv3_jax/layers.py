@@ -5,7 +5,7 @@ BatchNorm statistics, same activation formulas). Two convolution kinds are rewri
 because XLA:CPU runs them slowly (see ../shared/docs/cpu-performance-notes.md):
 
 * depthwise convolutions become k*k shifted multiply-adds (XLA:CPU's grouped convolution runs at
-  ~1 GFLOP/s and took ~90% of the model's time);
+  ~1 GFLOP/s and took ~90% of the model's time), with a hand-written kernel gradient;
 * 1x1 stride-1 convolutions become a matmul on a (N*H*W, C) view;
 * dilated (atrous) dense convolutions become one matmul per kernel tap, skipping the padding.
 
@@ -113,23 +113,24 @@ def _fast_cpu_path() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def _strided_tap(x: Array, row0: int, col0: int, rows: int, cols: int, stride: int) -> Array:
+    """x[:, row0::stride, col0::stride] limited to rows x cols: what one kernel tap multiplies."""
+    n, _, _, c = x.shape
+    end = (n, row0 + (rows - 1) * stride + 1, col0 + (cols - 1) * stride + 1, c)
+    return jax.lax.slice(x, (0, row0, col0, 0), end, (1, stride, stride, 1))
+
+
 def _depthwise_shift_forward(x: Array, kernel: Array, stride: int, padding: int, dilation: int) -> Array:
     kh, kw = kernel.shape[:2]
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    n, h, w, c = x.shape
+    _, h, w, _ = x.shape
     out_h = (h - dilation * (kh - 1) - 1) // stride + 1
     out_w = (w - dilation * (kw - 1) - 1) // stride + 1
     out = None
     for i in range(kh):
         for j in range(kw):
-            tap = jax.lax.slice(
-                x,
-                (0, i * dilation, j * dilation, 0),
-                (n, i * dilation + (out_h - 1) * stride + 1, j * dilation + (out_w - 1) * stride + 1, c),
-                (1, stride, stride, 1),
-            )
-            term = tap * kernel[i, j, 0]
+            term = _strided_tap(x, i * dilation, j * dilation, out_h, out_w, stride) * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
 
@@ -153,7 +154,7 @@ def depthwise_kernel_grad(
     kh, kw = kernel_size
     if padding:
         x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    n, out_h, out_w, c = g.shape
+    _, out_h, out_w, c = g.shape
     groups = max(d for d in range(1, _KERNEL_GRAD_ROW_GROUPS + 1) if out_h % d == 0)
     rows = out_h // groups
     acc_dtype = jnp.promote_types(g.dtype, jnp.float32)
@@ -163,13 +164,7 @@ def depthwise_kernel_grad(
         for j in range(kw):
             acc = None
             for k in range(groups):
-                r0, c0 = i * dilation + stride * k * rows, j * dilation
-                tap = jax.lax.slice(
-                    x,
-                    (0, r0, c0, 0),
-                    (n, r0 + (rows - 1) * stride + 1, c0 + (out_w - 1) * stride + 1, c),
-                    (1, stride, stride, 1),
-                )
+                tap = _strided_tap(x, i * dilation + stride * k * rows, j * dilation, rows, out_w, stride)
                 term = tap * g[:, k * rows : (k + 1) * rows]
                 acc = term if acc is None else acc + term
             partial_sums.append(acc)
