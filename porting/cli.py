@@ -214,6 +214,7 @@ def parity_main(argv: list[str] | None = None) -> int:
         )
         reports.append(run.report)
         _log(f"    preprocessing (mbv3_jax.transforms vs torchvision preset): {_pre(run)}")
+        _log("    " + format_table([run.report]).splitlines()[-1])  # each row as it comes: a cut run keeps it
         if args.save_figures and name in SEGMENTATION_MODELS:
             for path in _save_segmentation_figures(Path(args.save_figures), name, run, photos, photo_names):
                 _log(f"    wrote {path}")

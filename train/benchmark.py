@@ -46,16 +46,23 @@ def jax_step_runner(name: str, batch: int, size: int, num_classes: int = 1000):
     return compile_s, run
 
 
-def torch_step_runner(name: str, batch: int, size: int, num_classes: int = 1000, channels_last: bool = False):
+def torch_step_runner(
+    name: str,
+    batch: int,
+    size: int,
+    num_classes: int = 1000,
+    channels_last: bool = False,
+    device: str = "cpu",
+):
     import torch
     import torchvision
 
-    model = torchvision.models.get_model(name, num_classes=num_classes).train()
+    model = torchvision.models.get_model(name, num_classes=num_classes).train().to(device)
     opt = torch.optim.RMSprop(
         model.parameters(), lr=0.002, alpha=0.9, eps=0.0316, momentum=0.9, weight_decay=1e-5
     )
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, num_classes, (batch,))
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
@@ -64,6 +71,8 @@ def torch_step_runner(name: str, batch: int, size: int, num_classes: int = 1000,
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+        if device != "cpu":
+            torch.cuda.synchronize()  # CUDA calls return before the work is done
 
     return run
 
@@ -76,13 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--torch-device", default="cpu", help="torchvision device (cuda: JAX on a GPU)")
+    parser.add_argument("--channels-last", action="store_true", help="torchvision in channels_last")
     args = parser.parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     compile_s, jax_run = jax_step_runner(args.model, args.batch, args.size)
-    torch_run = torch_step_runner(args.model, args.batch, args.size)
+    torch_run = torch_step_runner(
+        args.model, args.batch, args.size, channels_last=args.channels_last, device=args.torch_device
+    )
     jax_run()
     torch_run()  # warm-up
     rates: dict[str, list[float]] = {"jax": [], "torch": []}
@@ -96,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "batch": args.batch,
         "size": args.size,
+        "jax_backend": jax.default_backend(),
+        "torch_device": args.torch_device,
         "jax_compile_s": round(compile_s, 1),
         "jax_images_per_s": round(statistics.median(rates["jax"]), 1),
         "torch_eager_images_per_s": round(statistics.median(rates["torch"]), 1),
