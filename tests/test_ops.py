@@ -125,3 +125,22 @@ def test_batch_norm_train_vjp_matches_autodiff():
         got = jax.jit(jax.grad(loss(batch_norm_train), (0, 1, 2)))(*args)
     for r, g in zip(ref, got, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-12, atol=1e-12)
+
+
+def test_unfused_is_the_function_with_its_gradient():
+    from mbv3_jax.ops.unfused import unfused
+
+    def fn(x, y):
+        return jnp.sin(x) * y, x.sum()
+
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    y = jnp.arange(4.0)
+    got = jax.jit(lambda a, b: unfused(fn, a, b))(x, y)
+    want = fn(x, y)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    grad = jax.grad(lambda a: unfused(fn, a, y)[0].sum())(x)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(jnp.cos(x) * y), rtol=1e-6)
+    # A NaN probe (the predicate's false branch) gives the same result.
+    xn = x.at[0, 0].set(jnp.nan)
+    np.testing.assert_array_equal(np.asarray(unfused(fn, xn, y)[0]), np.asarray(fn(xn, y)[0]))

@@ -133,9 +133,10 @@ def _roi_align_flat(
 
     acc = jnp.zeros((k, out_h, out_w, c), flat.dtype)
     if sampling_ratio > 0:
-        # The rows and weights are per bin, not per channel: computed once, before the gathers.
-        # (Fused into the gather loop, XLA recomputed them for each of the C channels: at 320 px
-        # Faster R-CNN's RoIAlign took ~70 ms of a ~190 ms image.)
+        # The rows and weights are per bin, not per channel. XLA:CPU expands this barrier before
+        # fusion and recomputes them per channel in the gather loop; alone that costs ~1 ms for 150
+        # RoIs. Fused into a matmul's operand it cost ~70 ms: callers wrap roi_align in
+        # mbv3_jax.ops.unfused there (FasterRCNN._box_head).
         params = jax.lax.optimization_barrier(
             [sample_taps(iy, ix) for iy in range(sampling_ratio) for ix in range(sampling_ratio)]
         )
