@@ -32,6 +32,13 @@ from porting.mapping import (
     load_into,
     model_variables,
 )
+from porting.qat import (
+    QAT_MOBILENET_V3_RULES,
+    QAT_MODELS,
+    build_qat_torchvision,
+    qat_tensors,
+    qat_to_torchvision,
+)
 from porting.rules import mobilenet_v3_features_rules, rules_for
 
 
@@ -78,6 +85,8 @@ def build_torchvision_model(architecture: Mapping[str, Any]) -> torch.nn.Module:
         return _ssdlite(**kwargs)
     if builder in QUANTIZED_MODELS:
         return build_quantized_torchvision(kwargs)
+    if builder in QAT_MODELS:
+        return build_qat_torchvision(kwargs)
     if builder in _HAS_BACKBONE_WEIGHTS:  # never download backbone weights for an empty model
         kwargs.setdefault("weights_backbone", None)
     return torchvision.models.get_model(builder, weights=None, **kwargs)
@@ -331,6 +340,11 @@ def load_torchvision(
     torchvision's builder does, with ``torch.backends.quantized.engine`` = ``backend`` (the
     requantization rounding the JAX model follows, default "qnnpack").
 
+    For ``qat_mobilenet_v3_large``: the state_dict of torchvision's QAT-prepared model (weights,
+    BatchNorm statistics, every fake quant's flags, qparams and observer min / max), loaded into
+    ``mbv3_jax.models.qat`` with ``backend`` (default "qnnpack") naming the QAT qconfig it was
+    prepared with; returned in train mode, as ``prepare_qat`` leaves torch's.
+
     Returns the NNX model in eval mode. The mapping is strict: any unexpected, missing or
     mis-shaped tensor raises :class:`porting.mapping.WeightMappingError` naming it.
     """
@@ -338,7 +352,9 @@ def load_torchvision(
         if weights_backbone is None:
             raise ValueError(f"{name}: give weights (a file, state_dict or name) or weights_backbone")
         return _load_backbone_only(name, weights_backbone, checkpoint_key, progress, kwargs)
-    state_dict, enum, source = resolve_weights(name, weights, checkpoint_key, progress)
+    # torchvision publishes the QAT-prepared model's state_dict as its quantized weights.
+    weights_of = "quantized_mobilenet_v3_large" if name in QAT_MODELS else name
+    state_dict, enum, source = resolve_weights(weights_of, weights, checkpoint_key, progress)
     if enum is not None and "categories" in enum.meta:
         n = len(enum.meta["categories"])
         if kwargs.setdefault("num_classes", n) != n:
@@ -353,19 +369,27 @@ def load_torchvision(
     if name in _HAS_AUX_HEAD and "aux_loss" not in kwargs:
         # The checkpoint says whether it has the auxiliary head (torchvision's COCO weights do).
         kwargs["aux_loss"] = any(k.startswith("aux_classifier.") for k in state_dict)
+    if (name in QUANTIZED_MODELS or name in QAT_MODELS) and enum is not None and "backend" in enum.meta:
+        kwargs.setdefault("backend", enum.meta["backend"])
     if name in QUANTIZED_MODELS:
-        if enum is not None and "backend" in enum.meta:
-            kwargs.setdefault("backend", enum.meta["backend"])
         state_dict = quantized_tensors(state_dict, kwargs, source)
-    model = jax_models.get_model(name, **kwargs)
+    if name in QAT_MODELS:
+        state_dict = qat_tensors(state_dict, source)
+    if name in jax_models.QAT_BUILDERS:
+        model = jax_models.QAT_BUILDERS[name](**kwargs)
+    else:
+        model = jax_models.get_model(name, **kwargs)
     arrays = convert_to_jax(
         state_dict,
         model,
-        rules_for(model.architecture["builder"]),
+        QAT_MOBILENET_V3_RULES if name in QAT_MODELS else rules_for(model.architecture["builder"]),
         context=f"{source} does not fit {_describe(name, kwargs)} "
         "(a checkpoint of another model or configuration?)",
     )
     load_into(model, arrays)
+    if name in QAT_MODELS:
+        model.train()
+        return model
     model.eval()
     return model
 
@@ -411,6 +435,8 @@ def to_torchvision(model: nnx.Module) -> collections.OrderedDict[str, torch.Tens
     architecture = model.architecture
     if architecture["builder"] in QUANTIZED_MODELS:
         return _quantized_to_torchvision(model)
+    if architecture["builder"] in QAT_MODELS:
+        return qat_to_torchvision(model)
     tv_model = build_torchvision_model(architecture)
     reference = tv_model.state_dict()
     arrays = convert_to_torch(

@@ -7,7 +7,7 @@ from typing import Any
 
 from flax import nnx
 
-from mbv3_jax.models import quantization
+from mbv3_jax.models import qat, quantization
 from mbv3_jax.models.detection import (
     FasterRCNN,
     FasterRCNNConfig,
@@ -46,6 +46,10 @@ BUILDERS: dict[str, Callable[..., nnx.Module]] = {
     "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large,
     "quantized_mobilenet_v3_large": quantization.mobilenet_v3_large,
 }
+# Quantization-aware training models: built by mbv3_jax.models.qat (rebuilt from their architecture
+# record by build_from_architecture), kept out of BUILDERS / list_models(): mbv3-parity's float flow
+# does not apply to them (tests/test_qat_parity.py checks them).
+QAT_BUILDERS: dict[str, Callable[..., nnx.Module]] = {"qat_mobilenet_v3_large": qat.qat_mobilenet_v3_large}
 
 
 def list_models() -> list[str]:
@@ -72,11 +76,17 @@ def build_from_architecture(architecture: dict[str, Any]) -> nnx.Module:
     if builder == "MobileNetV3":
         table = [BlockConfig(**row) for row in kwargs.pop("inverted_residual_setting")]
         return MobileNetV3(table, architecture=architecture, **kwargs)
+    if builder == "QATMobileNetV3":
+        table = [BlockConfig(**row) for row in kwargs.pop("inverted_residual_setting")]
+        return qat.QATMobileNetV3(table, architecture=architecture, **kwargs)
+    if builder in QAT_BUILDERS:
+        return QAT_BUILDERS[builder](**kwargs)
     return get_model(builder, **kwargs)
 
 
 __all__ = [
     "BUILDERS",
+    "QAT_BUILDERS",
     "BlockConfig",
     "DeepLabV3",
     "FCN",
@@ -101,5 +111,6 @@ __all__ = [
     "mobilenet_v3_config",
     "mobilenet_v3_large",
     "mobilenet_v3_small",
+    "qat",
     "quantization",
 ]
