@@ -208,6 +208,12 @@ def _weights_enum(name: str, weights: Any) -> torchvision.models.WeightsEnum | N
         ) from None
 
 
+def _is_weights_name(weights: Any) -> bool:
+    if isinstance(weights, torchvision.models.WeightsEnum):
+        return True
+    return isinstance(weights, str) and not os.path.exists(weights) and not weights.endswith((".pth", ".pt"))
+
+
 def hub_cache_file(weights: torchvision.models.WeightsEnum) -> Path:
     """Where torch's hub keeps the file for ``weights`` (TORCH_HOME/hub/checkpoints/<name>)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
@@ -352,9 +358,13 @@ def load_torchvision(
         if weights_backbone is None:
             raise ValueError(f"{name}: give weights (a file, state_dict or name) or weights_backbone")
         return _load_backbone_only(name, weights_backbone, checkpoint_key, progress, kwargs)
-    # torchvision publishes the QAT-prepared model's state_dict as its quantized weights.
-    weights_of = "quantized_mobilenet_v3_large" if name in QAT_MODELS else name
-    state_dict, enum, source = resolve_weights(weights_of, weights, checkpoint_key, progress)
+    if name in QAT_MODELS and _is_weights_name(weights):
+        raise ValueError(
+            f"{name} loads the state_dict of a QAT-prepared model (a file or a dict), not {weights!r}: "
+            "torchvision publishes no QAT checkpoint; its quantized weights are the converted integer "
+            "model (load them with 'quantized_mobilenet_v3_large')"
+        )
+    state_dict, enum, source = resolve_weights(name, weights, checkpoint_key, progress)
     if enum is not None and "categories" in enum.meta:
         n = len(enum.meta["categories"])
         if kwargs.setdefault("num_classes", n) != n:

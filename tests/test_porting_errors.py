@@ -80,6 +80,13 @@ def test_missing_file():
         load_torchvision("mobilenet_v3_small", "nope.pth")
 
 
+@pytest.mark.parametrize("weights", ["IMAGENET1K_QNNPACK_V1", "DEFAULT"])
+def test_qat_model_refuses_a_weights_name(weights):
+    # torchvision's published quantized weights are the converted integer model, not a QAT state.
+    with pytest.raises(ValueError, match=r"QAT-prepared model.*quantized_mobilenet_v3_large"):
+        load_torchvision("qat_mobilenet_v3_large", weights)
+
+
 def test_weights_name_offline_names_the_cache_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 

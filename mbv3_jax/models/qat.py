@@ -1210,7 +1210,8 @@ def qat_mobilenet_v3_large(
 ) -> QATMobileNetV3:
     """torchvision's ``quantization.mobilenet_v3_large(quantize=False)`` prepared for QAT as
     torchvision's ``train_quantization.py`` does (``backend`` picks the default QAT qconfig).
-    Random init; load torchvision weights with ``porting.load_torchvision_qat``."""
+    Random init; load a QAT-prepared torchvision state_dict with
+    ``porting.load_torchvision("qat_mobilenet_v3_large", ...)``."""
     table, last_channel = mobilenet_v3_config("mobilenet_v3_large", width_mult, reduced_tail, False)
     kwargs = dict(
         num_classes=num_classes,
