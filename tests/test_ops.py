@@ -72,7 +72,7 @@ def test_interpolate_bilinear_float64_matches_torch():
     ],
 )
 def test_depthwise_conv_shift_gradients_match_xla_conv(shape, kernel, stride, dilation):
-    """The shift depthwise's hand-written kernel gradient equals autodiff of XLA's grouped conv (float64)."""
+    """The shift depthwise's hand-written gradients equal autodiff of XLA's grouped conv (float64)."""
     rng = np.random.default_rng(sum(shape) + kernel)
     channels, padding = shape[-1], (kernel - 1) // 2 * dilation
     with jax.enable_x64(True):
