@@ -211,8 +211,11 @@ def _depthwise_shift_bwd(stride, padding, dilation, residuals, g):
     dx = _depthwise_shift_forward(stuffed, kernel[::-1, ::-1], 1, 0, dilation)
     if low_h >= 0 and low_w >= 0:
         # The kernel gradient reads g back from the written-out buffer: g's producer (BatchNorm's
-        # backward) would otherwise be re-evaluated in each of the k*k tap loops.
-        g = _strided_tap(stuffed, low_h, low_w, g.shape[1], g.shape[2], stride)
+        # backward) would otherwise be re-evaluated in each of the k*k tap loops. The factor is 1
+        # (kernel values are finite) but hides from XLA that the slice undoes the pad, which it
+        # would otherwise fold back into g.
+        one = 1 + 0 * kernel[0, 0, 0, 0].astype(stuffed.dtype)
+        g = _strided_tap(stuffed * one, low_h, low_w, g.shape[1], g.shape[2], stride)
     dk = depthwise_kernel_grad(x, g, kernel.shape[:2], stride, padding, dilation)
     return dx, dk.astype(kernel.dtype)
 
