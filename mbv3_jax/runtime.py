@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import weakref
 from typing import Any
 
@@ -48,6 +49,18 @@ class _Tracked:
 
 class Module(_Tracked, nnx.Module):
     """Base class of this library's modules."""
+
+
+class Model(Module):
+    """Base class of whole models: each records how to rebuild itself in ``architecture_json``
+    (set by its constructor), which checkpoints and porting read back."""
+
+    architecture_json: str
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        """How to rebuild this model: ``{"builder": name, "kwargs": {...}}`` (JSON-serialisable)."""
+        return json.loads(self.architecture_json)
 
 
 class List(_Tracked, nnx.List):

@@ -25,7 +25,6 @@ of photos of a few sizes compiles a few programs, not one per call.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -58,7 +57,7 @@ from mbv3_jax.ops.matcher import BELOW_LOW_THRESHOLD, balanced_sample, match
 from mbv3_jax.ops.roi_align import infer_scale, roi_align
 from mbv3_jax.ops.top_first_nms import batched_nms_top_first
 from mbv3_jax.ops.unfused import unfused
-from mbv3_jax.runtime import List, Module, call_compiled
+from mbv3_jax.runtime import List, Model, Module, call_compiled
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -227,7 +226,7 @@ def _check_image_list(images: Any) -> list[Any]:
 # The model
 
 
-class FasterRCNN(Module):
+class FasterRCNN(Model):
     """``model(images)`` in eval mode: a list (one per image) of {"boxes", "scores", "labels"} with
     boxes (x1, y1, x2, y2) in the original image's pixels. Images: HWC float in [0, 1], any sizes.
 
@@ -269,10 +268,6 @@ class FasterRCNN(Module):
         self.deterministic = False  # a new model is in train mode, as in torchvision
         self._sampler = _SamplerSeed()
         self.architecture_json = dump_architecture({"builder": builder, "kwargs": kwargs}, dtype, param_dtype)
-
-    @property
-    def architecture(self) -> dict[str, Any]:
-        return json.loads(self.architecture_json)
 
     # -- public API -------------------------------------------------------------------------------
 

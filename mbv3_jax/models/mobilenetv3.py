@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from mbv3_jax.layers import ConvNormActivation, DType, Linear, SqueezeExcitation, hardswish
-from mbv3_jax.runtime import Dropout, List, Module, call_compiled, is_frozen
+from mbv3_jax.runtime import Dropout, List, Model, Module, call_compiled, is_frozen
 
 # torchvision's MobileNetV3 BatchNorm: BatchNorm2d(eps=0.001, momentum=0.01).
 BN_EPS = 1e-3
@@ -293,7 +293,7 @@ def frozen_backbone_filter(
     return nnx.All(nnx.Param, nnx.Not(frozen))
 
 
-class MobileNetV3(Module):
+class MobileNetV3(Model):
     """torchvision's ``MobileNetV3``: ``features`` (stem, blocks, last conv), avgpool, classifier.
 
     Calling the model runs compiled (one program per input shape); inside your own jit/grad it
@@ -347,11 +347,6 @@ class MobileNetV3(Module):
         self.architecture_json = dump_architecture(architecture, dtype, param_dtype)
 
     # -- public API -------------------------------------------------------------------------------
-
-    @property
-    def architecture(self) -> dict[str, Any]:
-        """How to rebuild this model: ``{"builder": name, "kwargs": {...}}`` (JSON-serialisable)."""
-        return json.loads(self.architecture_json)
 
     @property
     def num_stages(self) -> int:

@@ -76,7 +76,7 @@ from mbv3_jax.models.mobilenetv3 import (
     make_divisible,
     mobilenet_v3_config,
 )
-from mbv3_jax.runtime import Dropout, List, Module
+from mbv3_jax.runtime import Dropout, List, Model, Module
 from mbv3_jax.torch_numerics import divide, reciprocal, rounded
 
 Array = jax.Array
@@ -394,6 +394,12 @@ class FakeQuantize(Module):
         self.min_val = QuantState(_host(np.inf, np.float32, stat_shape))
         self.max_val = QuantState(_host(-np.inf, np.float32, stat_shape))
         self.eps = QuantState(_host(OBSERVER_EPS, np.float32, (1,)))
+
+    def weight_qparams(self, weight: Array) -> tuple[Array, Array, Array]:
+        """Observe a weight (no gradient through the observer): (scale, zero_point, fake-quant flag),
+        what ``conv2d`` / ``linear`` take to fake-quantize it."""
+        batch_min, batch_max = batch_min_max(jax.lax.stop_gradient(weight), self.per_channel)
+        return (*self.update(batch_min, batch_max), self.fake_quant_enabled[...])
 
     def update(self, batch_min: Array, batch_max: Array) -> tuple[Array, Array]:
         """Observe a batch's min / max and return the (scale, zero_point) to fake-quantize it with."""
@@ -870,10 +876,7 @@ class Conv(Module):
 
     def __call__(self, x: Array) -> Array:
         wfq = self.weight_fake_quant
-        weight_qparams = (
-            *wfq.update(*batch_min_max(jax.lax.stop_gradient(self.kernel[...]), wfq.per_channel)),
-            wfq.fake_quant_enabled[...],
-        )
+        weight_qparams = wfq.weight_qparams(self.kernel[...])
         y = conv2d(
             x,
             self.kernel[...],
@@ -904,10 +907,7 @@ class Linear(Module):
 
     def __call__(self, x: Array) -> Array:
         wfq = self.weight_fake_quant
-        weight_qparams = (
-            *wfq.update(*batch_min_max(jax.lax.stop_gradient(self.kernel[...]), wfq.per_channel)),
-            wfq.fake_quant_enabled[...],
-        )
+        weight_qparams = wfq.weight_qparams(self.kernel[...])
         y = linear(
             x,
             self.kernel[...],
@@ -1066,7 +1066,7 @@ def _is_traced(*trees: Any) -> bool:
     return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
 
 
-class QATMobileNetV3(Module):
+class QATMobileNetV3(Model):
     """torchvision's ``QuantizableMobileNetV3`` after ``fuse_model(is_qat=True)`` and
     ``prepare_qat`` with ``get_default_qat_qconfig(backend)``: float32, NHWC, every quantization
     point a fake quant with torch's semantics (see the module docstring).
@@ -1125,11 +1125,6 @@ class QATMobileNetV3(Module):
                 },
             }
         self.architecture_json = json.dumps(architecture, sort_keys=True)
-
-    @property
-    def architecture(self) -> dict[str, Any]:
-        """How to rebuild this model: ``{"builder": name, "kwargs": {...}}`` (JSON-serialisable)."""
-        return json.loads(self.architecture_json)
 
     @property
     def qconfig(self) -> QATQConfig:

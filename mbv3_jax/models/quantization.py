@@ -52,7 +52,7 @@ from mbv3_jax.models.mobilenetv3 import (
     make_divisible,
     mobilenet_v3_config,
 )
-from mbv3_jax.runtime import List, Module, call_compiled
+from mbv3_jax.runtime import List, Model, Module, call_compiled
 
 Array = jax.Array
 
@@ -565,7 +565,7 @@ class QInvertedResidual(Module):
         return _record(trace, self.skip_add.name, add(x, y, *self.skip_add.qparams(), backend))
 
 
-class QuantizedMobileNetV3(Module):
+class QuantizedMobileNetV3(Model):
     """torchvision's ``QuantizableMobileNetV3`` after ``convert``: uint8 activations, int8 weights.
 
     ``model(x)`` takes normalized float NHWC images (as torchvision's preset makes them) and returns
@@ -631,11 +631,6 @@ class QuantizedMobileNetV3(Module):
         for layer in (self.classifier_hidden, self.classifier_act, self.classifier_out):
             names += layer.op_names()
         return names
-
-    @property
-    def architecture(self) -> dict[str, Any]:
-        """How to rebuild this model: ``{"builder": name, "kwargs": {...}}`` (JSON-serialisable)."""
-        return json.loads(self.architecture_json)
 
     def __call__(self, x: Array) -> Array:
         """Float32 logits (N, num_classes) for normalized NHWC float images (N, H, W, 3)."""

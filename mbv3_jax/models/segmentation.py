@@ -30,7 +30,7 @@ from mbv3_jax.models.mobilenetv3 import (
     stage_indices,
 )
 from mbv3_jax.ops import interpolate_bilinear
-from mbv3_jax.runtime import Dropout, List, Module, call_compiled
+from mbv3_jax.runtime import Dropout, List, Model, Module, call_compiled
 
 # torch.nn.BatchNorm2d defaults, which torchvision's segmentation heads use.
 HEAD_BN = dict(bn_eps=1e-5, bn_momentum=0.1)
@@ -107,7 +107,7 @@ class FCNHead(Module):
         return self.classifier(self.dropout(self.conv(x)))
 
 
-class SegmentationModel(Module):
+class SegmentationModel(Model):
     """Dilated MobileNetV3-Large backbone + heads; ``model(x)`` returns {"out": ..., ["aux": ...]}.
 
     Calling the model runs compiled (one program per input shape). A new model is in train mode,
@@ -125,12 +125,6 @@ class SegmentationModel(Module):
         self.num_classes = kwargs["num_classes"]
         self.dtype = dtype
         self.architecture_json = dump_architecture({"builder": builder, "kwargs": kwargs}, dtype, param_dtype)
-
-    @property
-    def architecture(self) -> dict[str, Any]:
-        import json
-
-        return json.loads(self.architecture_json)
 
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
         """Logits at the input resolution for normalized NHWC float images (N, H, W, 3)."""

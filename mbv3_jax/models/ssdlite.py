@@ -31,7 +31,6 @@ validity mask), so ``nnx.value_and_grad`` differentiates them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -55,7 +54,7 @@ from mbv3_jax.models.mobilenetv3 import (
 from mbv3_jax.ops.anchors import DefaultBoxGenerator
 from mbv3_jax.ops.boxes import BoxCoder, batched_nms_padded, box_iou, clip_boxes_to_image
 from mbv3_jax.ops.matcher import ssd_match
-from mbv3_jax.runtime import List, Module, call_compiled
+from mbv3_jax.runtime import List, Model, Module, call_compiled
 
 SIZE = (320, 320)  # (width, height) as torchvision's ``size``; square, so the order never matters
 # torchvision's SSDlite norm_layer: partial(BatchNorm2d, eps=0.001, momentum=0.03).
@@ -206,7 +205,7 @@ def _smooth_l1(x: jax.Array, beta: float = 1.0) -> jax.Array:
 # The model
 
 
-class SSD(Module):
+class SSD(Model):
     """``model(images)`` in eval mode: a list (one per image) of {"boxes", "scores", "labels"} with
     boxes (x1, y1, x2, y2) in the original image's pixels. Images: HWC float in [0, 1], any sizes.
 
@@ -257,10 +256,6 @@ class SSD(Module):
         self.dtype = dtype
         self.deterministic = False  # train mode, as a new torchvision model; .eval() sets it
         self.architecture_json = dump_architecture({"builder": builder, "kwargs": kwargs}, dtype, param_dtype)
-
-    @property
-    def architecture(self) -> dict[str, Any]:
-        return json.loads(self.architecture_json)
 
     # -- public API -------------------------------------------------------------------------------
 
