@@ -120,9 +120,11 @@ def quiet_quantization() -> Iterator[None]:
         yield
 
 
-def quantizable_torchvision(kwargs: Mapping[str, Any]) -> torch.nn.Module:
+def quantizable_torchvision(kwargs: Mapping[str, Any], quantize: bool = False) -> torch.nn.Module:
     """torchvision's (float) QuantizableMobileNetV3 for the kwargs of ``qat_mobilenet_v3_large``
-    or of ``QATMobileNetV3`` (an explicit block table, as ``model.architecture`` records it)."""
+    or of ``QATMobileNetV3`` (an explicit block table, as ``model.architecture`` records it).
+    ``quantize``: torchvision's converted model instead (default qparams; run it under the engine
+    its weights are packed for)."""
     from torchvision.models.mobilenetv3 import InvertedResidualConfig
     from torchvision.models.quantization import mobilenet_v3_large
     from torchvision.models.quantization.mobilenetv3 import _mobilenet_v3_model
@@ -130,7 +132,7 @@ def quantizable_torchvision(kwargs: Mapping[str, Any]) -> torch.nn.Module:
     common = {k: v for k, v in kwargs.items() if k in ("num_classes", "dropout")}
     if "inverted_residual_setting" not in kwargs:
         sizes = {k: v for k, v in kwargs.items() if k in ("width_mult", "reduced_tail")}
-        return mobilenet_v3_large(weights=None, quantize=False, **common, **sizes)
+        return mobilenet_v3_large(weights=None, quantize=quantize, **common, **sizes)
     table = []
     for row in kwargs["inverted_residual_setting"]:
         cfg = InvertedResidualConfig(**{**row, "width_mult": 1.0})
@@ -138,7 +140,7 @@ def quantizable_torchvision(kwargs: Mapping[str, Any]) -> torch.nn.Module:
         cfg.input_channels, cfg.expanded_channels = row["input_channels"], row["expanded_channels"]
         cfg.out_channels = row["out_channels"]
         table.append(cfg)
-    return _mobilenet_v3_model(table, kwargs["last_channel"], None, False, False, **common)
+    return _mobilenet_v3_model(table, kwargs["last_channel"], None, False, quantize, **common)
 
 
 def build_qat_torchvision(kwargs: Mapping[str, Any]) -> torch.nn.Module:

@@ -220,6 +220,7 @@ RULES: dict[str, list[Rule]] = {
     "fasterrcnn_mobilenet_v3_large_320_fpn": FASTER_RCNN_RULES,
     "ssdlite320_mobilenet_v3_large": SSDLITE_RULES,
     "quantized_mobilenet_v3_large": QUANTIZED_MOBILENET_V3_RULES,
+    "QuantizedMobileNetV3": QUANTIZED_MOBILENET_V3_RULES,  # any block table (a QAT run's result)
 }
 
 

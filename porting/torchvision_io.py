@@ -38,6 +38,7 @@ from porting.qat import (
     build_qat_torchvision,
     qat_tensors,
     qat_to_torchvision,
+    quantizable_torchvision,
 )
 from porting.rules import mobilenet_v3_features_rules, rules_for
 
@@ -225,7 +226,9 @@ def read_checkpoint(path: str | os.PathLike, checkpoint_key: str = "model") -> d
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own TypedStorage notice when it rebuilds quantized tensors
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with code, not a torch file, ...
         raise CheckpointError(
             f"could not read {path} as a torch checkpoint (truncated, corrupt, or it needs code to be "
@@ -463,10 +466,53 @@ def to_torchvision(model: nnx.Module) -> collections.OrderedDict[str, torch.Tens
     return state_dict
 
 
+def save_torchvision(model: nnx.Module, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """``torch.save(to_torchvision(model), path)``, atomically (a temporary file renamed into place):
+    an interrupted save never leaves a partial file at ``path``."""
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    state_dict = to_torchvision(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state_dict, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def torchvision_from_state_dict(
+    architecture: Mapping[str, Any], state_dict: Mapping[str, Any]
+) -> torch.nn.Module:
+    """torchvision's model for an mbv3_jax ``architecture`` with ``state_dict`` loaded strictly, in eval
+    mode (a quantized one packed for the engine of ``architecture["kwargs"]["backend"]``)."""
+    builder = architecture["builder"]
+    tv_model = build_torchvision_model(architecture)
+    engine = architecture["kwargs"].get("backend", "qnnpack") if builder in QUANTIZED_MODELS else None
+    try:
+        with quantized_engine(engine) if engine else contextlib.nullcontext(), _quiet_quantization():
+            tv_model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise WeightMappingError(f"the state_dict does not fit torchvision's {builder}: {e}") from e
+    return tv_model.eval()
+
+
+def run_torchvision_classifier(
+    tv_model: torch.nn.Module, images: np.ndarray, engine: str | None = None
+) -> np.ndarray:
+    """Logits of a torchvision classifier for normalized NHWC float images (``engine``: the quantized
+    engine a converted model's weights are packed for)."""
+    x = torch.from_numpy(np.ascontiguousarray(np.asarray(images, np.float32).transpose(0, 3, 1, 2)))
+    with quantized_engine(engine) if engine else contextlib.nullcontext(), torch.inference_mode():
+        return tv_model(x).float().numpy()
+
+
 # ------------------------------------------------------------------------------------------------
 # Quantized models (torch's eager-mode quantization, converted)
 
-QUANTIZED_MODELS = {"quantized_mobilenet_v3_large"}
+QUANTIZED_MODELS = {"quantized_mobilenet_v3_large", "QuantizedMobileNetV3"}
 # The qconfig torchvision's quantized MobileNetV3 uses (and its published QAT weights were trained
 # with): per-tensor symmetric int8 weights, which is what the JAX integer model implements.
 QAT_QCONFIG_BACKEND = "qnnpack"
@@ -511,6 +557,9 @@ def build_quantized_torchvision(kwargs: Mapping[str, Any]) -> torch.nn.Module:
 
     engine = kwargs.get("backend", "qnnpack")
     with quantized_engine(engine), _quiet_quantization():
+        if "inverted_residual_setting" in kwargs:  # QuantizedMobileNetV3: another block table
+            table_kwargs = {k: v for k, v in kwargs.items() if k != "backend"}
+            return quantizable_torchvision(table_kwargs | {"dropout": 0.0}, quantize=True)
         tv_kwargs = _torchvision_quantizable_kwargs(kwargs)
         return mobilenet_v3_large(weights=None, quantize=True, backend=QAT_QCONFIG_BACKEND, **tv_kwargs)
 

@@ -14,6 +14,16 @@ torch.backends.cudnn.allow_tf32 = False
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# The longest files first: scripts/test.sh runs two workers that take whole files, and a long file
+# handed out last would run alone at the end.
+_LONGEST_FIRST = ("test_train_digits.py", "test_detection_parity.py", "test_segmentation_parity.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within files kept
+
+
 @pytest.fixture(scope="session")
 def photos() -> list[np.ndarray]:
     from porting.calibration import sample_photos

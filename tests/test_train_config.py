@@ -228,3 +228,60 @@ def test_image_folder_dataset(tmp_path):
     assert np.array_equal(parts[1].source[0]["image"], train.source[3]["image"])
     with pytest.raises(data.DataError, match="not 'test'"):
         data.open_split("", "test", image_folder=str(tmp_path / "pets"), data_dir=str(tmp_path / "tfds"))
+
+
+def test_qat_recipe_and_float_start(tmp_path):
+    """``--config qat``: torchvision's QAT recipe; the QAT model built from a float torchvision .pth is the
+    model torchvision's script prepares from it (quantizable model, fuse_model(is_qat=True), prepare_qat)."""
+    from mbv3_jax.models import qat
+    from porting import to_torchvision
+    from porting.qat import build_qat_torchvision
+    from train.config import QATConfig
+    from train.trainer import QATSchedule
+
+    cfg = load_config("qat")
+    o, q, t = cfg.optim, cfg.qat, cfg.train
+    assert (o.optimizer, o.lr, o.reference_batch, o.momentum, o.weight_decay) == (
+        "sgd",
+        0.001,
+        256,
+        0.9,
+        1e-5,
+    )
+    assert (o.schedule, o.lr_step_epochs, o.lr_gamma, t.epochs, t.global_batch) == ("step", 30, 0.1, 90, 256)
+    assert (q.enabled, q.backend, q.num_observer_update_epochs, q.num_batch_norm_update_epochs) == (
+        True, "qnnpack", 4, 3,
+    )  # fmt: skip
+    # The script switches after epoch e >= 4 (observers) and e >= 3 (BatchNorm), counting from 0.
+    assert QATSchedule.from_config(q, 10) == QATSchedule(observer_steps=50, batch_norm_steps=40)
+    assert isinstance(load_config("digits_qat"), _TrainConfig)
+
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v3_large()
+    for m in tv.modules():  # statistics that differ from the defaults, so that their place is checked
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    path = tmp_path / "large.pth"
+    torch.save(tv.state_dict(), path)
+    model = build_model(ModelConfig(name="mobilenet_v3_large", init=str(path)), 1000, qat_cfg=QATConfig(True))
+    assert isinstance(model, qat.QATMobileNetV3) and model.architecture["builder"] == "qat_mobilenet_v3_large"
+    reference = build_qat_torchvision({"backend": "qnnpack"})  # the key set of a prepared QAT model
+    # What train_quantization.py does with the float weights (its --weights): load, fuse, prepare.
+    torch_float = torchvision.models.quantization.mobilenet_v3_large(quantize=False)
+    torch_float.load_state_dict(tv.state_dict())
+    torch_float.train()
+    torch_float.fuse_model(is_qat=True)
+    torch_float.qconfig = torch.ao.quantization.get_default_qat_qconfig("qnnpack")
+    torch.ao.quantization.prepare_qat(torch_float, inplace=True)
+    expected = torch_float.state_dict()
+    got = to_torchvision(model)
+    assert got.keys() == expected.keys() == reference.state_dict().keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key].numpy(), value.numpy(), err_msg=key)
+    with pytest.raises(ValueError, match="float32"):
+        build_model(ModelConfig(name="mobilenet_v3_small", dtype="bfloat16"), 10, qat_cfg=QATConfig(True))
+    with pytest.raises(TypeError, match="float MobileNetV3"):
+        qat.from_float(model)

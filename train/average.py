@@ -76,13 +76,18 @@ def average_checkpoints(
         params.append(state["params"])
         stats.append(state["batch_stats"])
     model = build_from_architecture(architecture)
-    template = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
-    averaged = {"params": average_trees(params), "batch_stats": average_trees(stats)}
-    merged = _align(nnx.to_pure_dict(template), _merge_dicts(averaged["params"], averaged["batch_stats"]))
-    nnx.replace_by_pure_dict(template, merged)
-    nnx.update(model, template)
+    set_model_state(model, average_trees(params), average_trees(stats))
     model.eval()
     return save(model, out, overwrite=overwrite), list(steps)
+
+
+def set_model_state(model: nnx.Module, params: Any, batch_stats: Any) -> None:
+    """Put a training state's ``params`` / ``batch_stats`` (pure dicts, as restored) into ``model``,
+    checked key by key and shape by shape against the model's variables."""
+    template = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    merged = _align(nnx.to_pure_dict(template), _merge_dicts(params, batch_stats))
+    nnx.replace_by_pure_dict(template, merged)
+    nnx.update(model, template)
 
 
 def _merge_dicts(a: Any, b: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Command-line entry points: ``mbv3-train``, ``mbv3-average`` and ``mbv3-plot``."""
+"""Command-line entry points: ``mbv3-train``, ``mbv3-average``, ``mbv3-quantize`` and ``mbv3-plot``."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ Any configuration field can be overridden: --section.field=value (or --section.f
   mbv3-train --config digits --workdir runs/digits2 --optim.lr=0.004 --train.epochs=20
   mbv3-train --config torchvision --data.data_dir ~/tensorflow_datasets --mesh.fsdp=8
   mbv3-train --config digits --model.init weights.pth      (fine-tune from torchvision weights)
-Sections: model, data, optim, train, mesh, checkpoint, distributed; top level: name, workdir,
+  mbv3-train --config qat --model.init mobilenet_v3_large.pth   (quantization-aware training)
+Sections: model, qat, data, optim, train, mesh, checkpoint, distributed; top level: name, workdir,
 tensorboard, plot. Re-running with the same --workdir resumes from its latest checkpoint."""
 
 
@@ -78,6 +79,71 @@ def average_main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         return _err(str(e))
     print(f"averaged steps {steps} of {args.workdir} into {out}")
+    return 0
+
+
+def quantize_main(argv: list[str] | None = None) -> int:
+    """``mbv3-quantize WORKDIR --out DIR [--pth FILE] [--eval]``: a QAT run -> the integer model."""
+    parser = argparse.ArgumentParser(
+        prog="mbv3-quantize",
+        description="Convert a quantization-aware training run (mbv3-train --qat.enabled=true) to the "
+        "integer model, as torch.ao.quantization.convert does: a JAX model (mbv3_jax.load) and, with --pth, "
+        "torchvision's quantized state_dict.",
+    )
+    parser.add_argument("workdir", help="the QAT run's --workdir")
+    parser.add_argument("--out", required=True, help="directory to write the JAX integer model to")
+    parser.add_argument(
+        "--pth", help="also write torchvision's converted quantized state_dict here (torch.save)"
+    )
+    parser.add_argument("--step", type=int, help="the checkpoint step to convert (default: the latest)")
+    parser.add_argument(
+        "--backend",
+        default="qnnpack",
+        choices=("qnnpack", "x86"),
+        help="whose requantization rounding the "
+        "integer model follows, and the engine torch runs --pth under (default qnnpack, as torchvision)",
+    )
+    parser.add_argument(
+        "--eval",
+        action="store_true",
+        help="top-1 on the run's eval split: QAT model, JAX integer model and "
+        "(with --pth) torchvision's quantized model loaded from that file",
+    )
+    parser.add_argument("--data-dir", help="TFDS data_dir for --eval (default: the run's)")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    from train.data import DataError
+    from train.quantize import quantize_run
+
+    try:
+        result = quantize_run(
+            args.workdir,
+            args.out,
+            step=args.step,
+            pth=args.pth,
+            backend=args.backend,
+            evaluate=args.eval,
+            data_dir=args.data_dir,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+        return _err(str(e))
+    print(f"converted step {result['step']} of {args.workdir}: integer model in {result['out']}")
+    if result["pth"]:
+        print(f"torchvision quantized state_dict: {result['pth']}")
+    if "count" in result:
+        line = (
+            f"top-1 on {result['count']} eval images: QAT {result['top1_qat']:.4f}, "
+            f"int8 (JAX) {result['top1_int8']:.4f}"
+        )
+        if "top1_torch" in result:
+            line += (
+                f", int8 (torchvision) {result['top1_torch']:.4f}; JAX and torch predictions differ on "
+                f"{result['int8_torch_disagreements']}"
+            )
+        print(line)
     return 0
 
 

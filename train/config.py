@@ -2,8 +2,10 @@
 
 A configuration file is a Python file that defines ``get_config() -> TrainConfig`` (see ``train/configs/``:
 ``torchvision.py`` is torchvision's MobileNetV3 recipe, ``tf_mode.py`` the paper's TensorFlow recipe,
-``digits.py`` the small offline demo). Copy one, edit it, and pass its path to ``mbv3-train --config``;
-flags override single fields: ``mbv3-train --config digits --optim.lr=0.01 --train.epochs=5``.
+``digits.py`` the small offline demo, ``qat.py`` torchvision's quantization-aware training of
+MobileNetV3-Large, ``digits_qat.py`` QAT of the digits demo's model). Copy one, edit it, and pass its
+path to ``mbv3-train --config``; flags override single fields:
+``mbv3-train --config digits --optim.lr=0.01 --train.epochs=5``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,23 @@ class ModelConfig:
     # Fine-tuning: a torchvision .pth/.pt file or a mbv3_jax.save directory. A classifier head whose
     # class count differs from num_classes is re-initialised.
     init: str | None = None
+
+
+@dataclass
+class QATConfig:
+    """Quantization-aware training (torchvision's ``train_quantization.py``): the classifier is built
+    as configured (``model.init``: the float weights to start from), then fused and prepared for QAT
+    (``mbv3_jax.models.qat.from_float``); ``mbv3-quantize`` converts the result to the integer model.
+
+    The switches follow the reference script, which after training epoch ``e`` (counting from 0)
+    disables the observers once ``e >= num_observer_update_epochs`` and freezes BatchNorm once
+    ``e >= num_batch_norm_update_epochs``: observers update during the first N + 1 epochs, BatchNorm
+    statistics during the first M + 1. Here they are functions of the step (exact on resume)."""
+
+    enabled: bool = False
+    backend: str = "qnnpack"  # the QAT qconfig: "qnnpack" (per-tensor weights, torchvision's) or "x86"
+    num_observer_update_epochs: int = 4
+    num_batch_norm_update_epochs: int = 3
 
 
 @dataclass
@@ -143,6 +162,7 @@ class TrainConfig:
     name: str = "mobilenet_v3_large-torchvision"
     workdir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)

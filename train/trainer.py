@@ -36,7 +36,7 @@ from mbv3_jax import optim
 from mbv3_jax.checkpoint import FORMAT
 from mbv3_jax.checkpoint import load as load_saved_model
 from mbv3_jax.layers import BatchNorm
-from mbv3_jax.models import MobileNetV3, get_model, mobilenet_v3_config
+from mbv3_jax.models import MobileNetV3, get_model, mobilenet_v3_config, qat
 from train import augment, checkpointing, data, sharding
 from train.config import TrainConfig
 from train.metrics import MetricsWriter, plot_metrics
@@ -118,11 +118,12 @@ def load_init(model: nnx.Module, init: str | os.PathLike) -> list[str]:
     return [".".join(map(str, p)) for p in kept]
 
 
-def build_model(cfg: Any, num_classes: int, seed: int = 0) -> nnx.Module:
+def build_model(cfg: Any, num_classes: int, seed: int = 0, qat_cfg: Any = None) -> nnx.Module:
     """The classifier of ``cfg`` (a :class:`train.config.ModelConfig`) in train mode, ready to split.
 
     ``cfg.init`` (a torchvision .pth or a ``mbv3_jax.save`` directory) initialises every variable but a
-    classifier head of another class count.
+    classifier head of another class count. With ``qat_cfg.enabled`` (a :class:`train.config.QATConfig`)
+    that float model is then prepared for quantization-aware training (``qat.from_float``).
     """
     dtype = None if cfg.dtype in ("float32", None) else jnp.dtype(cfg.dtype)
     param_dtype = jnp.dtype(cfg.param_dtype)
@@ -159,8 +160,37 @@ def build_model(cfg: Any, num_classes: int, seed: int = 0) -> nnx.Module:
             if isinstance(node, BatchNorm):
                 node.momentum = cfg.bn_momentum
     model.eval_micro_batch = 0  # whole (sharded) batches; no lax.map over micro-batches
+    if qat_cfg is not None and qat_cfg.enabled:
+        if dtype is not None or cfg.param_dtype != "float32":
+            raise ValueError("quantization-aware training runs in float32: leave model.dtype / param_dtype")
+        model = qat.from_float(model, backend=qat_cfg.backend, seed=seed)
     model.train()
     return model
+
+
+@dataclasses.dataclass(frozen=True)
+class QATSchedule:
+    """torchvision's QAT switches as functions of the step: observers update while
+    ``step < observer_steps``, BatchNorm uses batch statistics while ``step < batch_norm_steps``."""
+
+    observer_steps: int
+    batch_norm_steps: int
+
+    @classmethod
+    def from_config(cls, cfg: Any, steps_per_epoch: int) -> QATSchedule:
+        # The reference script switches after epoch e >= N (0-based): N + 1 epochs with the flag on.
+        return cls(
+            (cfg.num_observer_update_epochs + 1) * steps_per_epoch,
+            (cfg.num_batch_norm_update_epochs + 1) * steps_per_epoch,
+        )
+
+    def for_train_step(self, model: nnx.Module, step: jax.Array) -> None:
+        model.set_schedule(observe=step < self.observer_steps, freeze_bn=step >= self.batch_norm_steps)
+
+    def for_eval(self, model: nnx.Module) -> None:
+        # Evaluation never moves the observers (torch's script lets eval batches update them until
+        # observers are disabled; here eval results depend on the trained state only).
+        model.set_schedule(observe=False, freeze_bn=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,8 +319,10 @@ def make_steps(
     seed: int = 0,
     fsdp_min_size: int = 2**14,
     fast_compile: bool = False,
+    qat_schedule: QATSchedule | None = None,
 ) -> Steps:
-    """Split ``model`` and build the jitted, sharded train and eval steps."""
+    """Split ``model`` and build the jitted, sharded train and eval steps (``qat_schedule``: a QAT
+    model's observer / BatchNorm switches, set from the step inside the train step)."""
     model.train()
     graphdef_train, params, batch_stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     model.eval()
@@ -333,6 +365,8 @@ def make_steps(
 
         def loss_fn(p: Any) -> tuple[jax.Array, tuple[Any, jax.Array]]:
             m = nnx.merge(graphdef_train, p, state["batch_stats"], rngs)
+            if qat_schedule is not None:
+                qat_schedule.for_train_step(m, step)
             logits = m.forward(images)
             loss = cross_entropy(logits, labels, label_smoothing)
             return loss, (nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)), logits)
@@ -350,6 +384,8 @@ def make_steps(
 
     def eval_step(p: Any, stats: Any, images: jax.Array, labels: jax.Array, weights: jax.Array) -> dict:
         m = nnx.merge(graphdef_eval, p, stats, make_rngs(jax.random.key(0)))
+        if qat_schedule is not None:
+            qat_schedule.for_eval(m)
         logits = m.forward(images)
         logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         k = min(5, logits.shape[-1])
@@ -474,7 +510,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     ckpt_every = config.checkpoint.every_steps
 
     # Model, optimizer, steps
-    model = build_model(config.model, num_classes, cfg_train.seed)
+    model = build_model(config.model, num_classes, cfg_train.seed, config.qat)
+    qat_schedule = QATSchedule.from_config(config.qat, spe) if config.qat.enabled else None
     schedule = learning_rate(cfg_optim, G, spe, total)
     tx = make_optimizer(cfg_optim, schedule)
     steps = make_steps(
@@ -487,6 +524,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         seed=cfg_train.seed,
         fsdp_min_size=config.mesh.fsdp_min_size,
         fast_compile=cfg_train.fast_compile,
+        qat_schedule=qat_schedule,
     )
     state = steps.init_state()
 
@@ -520,6 +558,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
         f"{len(train_split)} train / {len(eval_split)} eval images, global batch {G}, "
         f"{spe} steps/epoch, {total} steps (set up in {time.perf_counter() - t_start:.1f} s)"
     )
+    if qat_schedule is not None:
+        _log(
+            f"quantization-aware training ({config.qat.backend} qconfig): observers update until step "
+            f"{qat_schedule.observer_steps}, BatchNorm statistics until step {qat_schedule.batch_norm_steps}"
+        )
 
     eval_tf = augment.eval_transform(cfg_data.eval_resize, cfg_data.eval_crop, cfg_data.mean, cfg_data.std)
     train_tf = augment.TrainTransform(
@@ -564,6 +607,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         meta = {
             "step": step,
             "epoch": step / spe,
+            "steps_per_epoch": spe,
             "data": {
                 "seed": cfg_train.seed,
                 "position": step,

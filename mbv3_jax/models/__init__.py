@@ -76,6 +76,9 @@ def build_from_architecture(architecture: dict[str, Any]) -> nnx.Module:
     if builder == "MobileNetV3":
         table = [BlockConfig(**row) for row in kwargs.pop("inverted_residual_setting")]
         return MobileNetV3(table, architecture=architecture, **kwargs)
+    if builder == "QuantizedMobileNetV3":
+        table = [BlockConfig(**row) for row in kwargs.pop("inverted_residual_setting")]
+        return quantization.QuantizedMobileNetV3(table, architecture=architecture, **kwargs)
     if builder == "QATMobileNetV3":
         table = [BlockConfig(**row) for row in kwargs.pop("inverted_residual_setting")]
         return qat.QATMobileNetV3(table, architecture=architecture, **kwargs)

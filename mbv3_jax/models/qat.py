@@ -1152,10 +1152,10 @@ class QATMobileNetV3(Model):
     def _fake_quants(self) -> list[nnx.Module]:
         return [m for _, m in nnx.iter_graph(self) if isinstance(m, (FakeQuantize, FixedQParamsFakeQuantize))]
 
-    def _set_flag(self, name: str, on: bool) -> None:
+    def _set_flag(self, name: str, on: bool | Array) -> None:
         for module in self._fake_quants():
             var = getattr(module, name)
-            var.set_value(jnp.full(var.shape, int(on), var.dtype))
+            var.set_value(_flag_value(on, var))
 
     def enable_observer(self, enabled: bool = True) -> QATMobileNetV3:
         """``model.apply(torch.ao.quantization.enable_observer)``."""
@@ -1180,16 +1180,123 @@ class QATMobileNetV3(Model):
         every ConvBn normalises with its running statistics and stops updating them."""
         for _, module in nnx.iter_graph(self):
             if isinstance(module, BatchNorm):
-                module.frozen.set_value(jnp.asarray(int(frozen), jnp.int32))
+                module.frozen.set_value(_flag_value(frozen, module.frozen))
         return self
 
     def update_bn_stats(self) -> QATMobileNetV3:
         """``model.apply(torch.ao.nn.intrinsic.qat.update_bn_stats)``: undo ``freeze_bn_stats``."""
         return self.freeze_bn_stats(False)
 
+    def set_schedule(self, *, observe: bool | Array, freeze_bn: bool | Array) -> QATMobileNetV3:
+        """Both recipe switches at once; the flags may be traced values (a training step derives
+        them from its step number: see ``train.trainer``)."""
+        self.enable_observer(observe)
+        return self.freeze_bn_stats(freeze_bn)
+
     def convert(self, backend: str = "qnnpack") -> nnx.Module:
         """``torch.ao.quantization.convert``: the integer model (see ``qat.convert``)."""
         return convert(self, backend)
+
+
+def _flag_value(on: bool | Array, var: nnx.Variable) -> Array:
+    """A 0 / 1 flag of ``var``'s shape and dtype from a Python bool or a (traced) boolean."""
+    if isinstance(on, bool | int | np.bool_):
+        return _host(int(on), var.dtype, var.shape)
+    return jnp.broadcast_to(jnp.asarray(on).astype(var.dtype), var.shape)
+
+
+def from_float(
+    model: nnx.Module, *, backend: str = "qnnpack", numerics: str = "xla", seed: int = 0
+) -> QATMobileNetV3:
+    """The QAT model torchvision's ``train_quantization.py`` starts from: the quantizable model
+    loaded with a float ``MobileNetV3``'s weights (``mbv3_jax.models`` classifier, e.g. ported
+    torchvision weights or a ``mbv3-train`` result), ``fuse_model(is_qat=True)``, ``prepare_qat``
+    with ``get_default_qat_qconfig(backend)``: each conv's weight and its BatchNorm (parameters,
+    running statistics, momentum) go into the ConvBn, every observer starts empty. Strict: every
+    float parameter and statistic is used once and every QAT one filled, else a ValueError naming
+    the variable. MobileNetV3-Large at its defaults becomes ``qat_mobilenet_v3_large`` (what
+    ``convert`` turns into torchvision's ``quantized_mobilenet_v3_large``); any other table
+    (Small, a truncated table, another width) a ``QATMobileNetV3`` with that table."""
+    from mbv3_jax.models.mobilenetv3 import MobileNetV3
+
+    if not isinstance(model, MobileNetV3):
+        raise TypeError(f"from_float needs a float MobileNetV3 classifier, got {type(model).__name__}")
+    arch = model.architecture
+    kwargs = dict(arch["kwargs"])
+    if kwargs.get("dtype") not in (None, "float32") or kwargs.get("param_dtype") not in (None, "float32"):
+        raise ValueError(
+            f"QAT starts from a float32 model; this one has dtype {kwargs.get('dtype')} / "
+            f"param_dtype {kwargs.get('param_dtype')}"
+        )
+    dropout = float(kwargs.get("dropout", 0.2))
+    if arch["builder"] == "MobileNetV3":
+        table = [BlockConfig(**row) for row in kwargs["inverted_residual_setting"]]
+        last_channel = int(kwargs["last_channel"])
+    else:
+        table, last_channel = mobilenet_v3_config(
+            arch["builder"],
+            kwargs.get("width_mult", 1.0),
+            kwargs.get("reduced_tail", False),
+            kwargs.get("dilated", False),
+        )
+    large_table, large_last = mobilenet_v3_config("mobilenet_v3_large", 1.0, False, False)
+    rngs = nnx.Rngs(seed)
+    if table == large_table and last_channel == large_last:
+        qmodel = qat_mobilenet_v3_large(
+            num_classes=model.num_classes, dropout=dropout, backend=backend, numerics=numerics, rngs=rngs
+        )
+    else:
+        qmodel = QATMobileNetV3(
+            table, last_channel, model.num_classes, dropout, backend=backend, numerics=numerics, rngs=rngs
+        )
+    _copy_float_weights(model, qmodel)
+    return qmodel
+
+
+def _qat_path(path: tuple) -> tuple:
+    """A float MobileNetV3 variable path -> the fused QAT model's: a Conv2dNormActivation's
+    BatchNorm moves into its ConvBn (``features.3.block.0.bn.scale`` -> ``...block.0.conv.bn.scale``)."""
+    return path[:-2] + ("conv", "bn", path[-1]) if len(path) >= 2 and path[-2] == "bn" else path
+
+
+def _copy_float_weights(model: nnx.Module, qmodel: QATMobileNetV3) -> None:
+    from mbv3_jax.layers import BatchNorm as FloatBatchNorm
+
+    def variables(m: nnx.Module, kind: type) -> dict[tuple, nnx.Variable]:
+        return {tuple(p): v for p, v in nnx.iter_graph(m) if isinstance(v, kind)}
+
+    float_vars = variables(model, nnx.Param | nnx.BatchStat)
+    targets = {
+        p: v for p, v in variables(qmodel, nnx.Param | nnx.BatchStat).items() if not isinstance(v, QuantState)
+    }
+    problems, used = [], set()
+    for path, var in float_vars.items():
+        target = targets.get(_qat_path(path))
+        name = ".".join(map(str, path))
+        if target is None:
+            problems.append(f"{name} has no place in the QAT model")
+        elif tuple(var.shape) != tuple(target.shape):
+            problems.append(f"{name}: float {tuple(var.shape)} vs QAT {tuple(target.shape)}")
+        else:
+            used.add(_qat_path(path))
+    problems += [
+        f"QAT variable {'.'.join(map(str, p))} has no float source" for p in targets if p not in used
+    ]
+    if problems:
+        raise ValueError("from_float: the float model does not fit the QAT model: " + "; ".join(problems[:5]))
+    for path, var in float_vars.items():
+        target = targets[_qat_path(path)]
+        target.set_value(jnp.asarray(np.asarray(var.get_value()), target.get_value().dtype))
+    float_bn = {tuple(p): m for p, m in nnx.iter_graph(model) if isinstance(m, FloatBatchNorm)}
+    for path, bn in float_bn.items():
+        qbn = qmodel
+        for part in _qat_path((*path, "_"))[:-1]:
+            qbn = qbn[int(part)] if isinstance(part, int) or str(part).isdigit() else getattr(qbn, part)
+        if not np.isclose(bn.eps, qbn.eps):
+            raise ValueError(
+                f"from_float: {'.'.join(map(str, path))} has BatchNorm eps {bn.eps}, QAT {qbn.eps}"
+            )
+        qbn.momentum = bn.momentum
 
 
 def qat_mobilenet_v3_large(
