@@ -121,9 +121,6 @@ class TrainLoopConfig:
     log_every_steps: int = 10
     seed: int = 0
     progress: bool = True
-    # XLA:CPU compiles the step ~40% faster without LLVM's expensive passes; on the digits demo's 32 px
-    # steps this did not change the step time. Only used on the CPU backend.
-    fast_compile: bool = False
 
 
 @dataclass

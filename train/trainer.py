@@ -318,7 +318,6 @@ def make_steps(
     ema_decay: float | None = None,
     seed: int = 0,
     fsdp_min_size: int = 2**14,
-    fast_compile: bool = False,
     qat_schedule: QATSchedule | None = None,
 ) -> Steps:
     """Split ``model`` and build the jitted, sharded train and eval steps (``qat_schedule``: a QAT
@@ -523,7 +522,6 @@ def run(config: TrainConfig) -> dict[str, Any]:
         ema_decay=cfg_optim.ema_decay,
         seed=cfg_train.seed,
         fsdp_min_size=config.mesh.fsdp_min_size,
-        fast_compile=cfg_train.fast_compile,
         qat_schedule=qat_schedule,
     )
     state = steps.init_state()

@@ -27,6 +27,5 @@ def get_config() -> TrainConfig:
     t = config.train
     t.epochs, t.global_batch, t.eval_batch = 6, 64, 72
     t.eval_every_epochs, t.log_every_steps = 2, 11
-    t.fast_compile = True
     config.checkpoint.keep_last, config.checkpoint.keep_best = 2, 2
     return config
