@@ -136,19 +136,22 @@ def integer_conv(x: QArray, kernel: Array, *, stride: int, padding: int, dilatio
 
     Dense convs run int8 x int8 -> int32: x - 128 fits int8 exactly, and the difference to x - zp
     is a per-output-channel constant, (128 - zp) * sum(w) (the padded border holds zp too).
-    Depthwise convs are k*k int32 multiply-adds of shifted slices (XLA:CPU's grouped convolution
-    is slow, see mbv3_jax.layers).
+    Depthwise convs are k*k multiply-adds of shifted slices (XLA:CPU's grouped convolution is
+    slow, see mbv3_jax.layers), in float32: each term is at most 255 * 128 in magnitude, so with
+    k*k <= 25 terms every partial sum is an integer below 2**24, exact (and faster than int32).
     """
     values, zp = x.values, x.zero_point
     kh, kw, cin_g, cout = kernel.shape
     if groups > 1 and groups == cout and cin_g == 1:
-        xc = values.astype(jnp.int32) - zp
+        if kh * kw * 255 * 128 >= 2**24:
+            raise ValueError(f"a {kh}x{kw} depthwise kernel is too large for exact float32 sums")
+        xc = values.astype(jnp.float32) - zp.astype(jnp.float32)
         if padding:
             xc = jnp.pad(xc, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
         n, h, w, c = xc.shape
         out_h = (h - dilation * (kh - 1) - 1) // stride + 1
         out_w = (w - dilation * (kw - 1) - 1) // stride + 1
-        w32 = kernel.astype(jnp.int32)
+        w32 = kernel.astype(jnp.float32)
         acc = None
         for i in range(kh):
             for j in range(kw):
@@ -160,7 +163,7 @@ def integer_conv(x: QArray, kernel: Array, *, stride: int, padding: int, dilatio
                 )
                 term = tap * w32[i, j, 0]
                 acc = term if acc is None else acc + term
-        return acc
+        return acc.astype(jnp.int32)
     # uint8 -> int8 by flipping the top bit: v - 128.
     centered = (values.astype(jnp.int32) - 128).astype(jnp.int8)
     correction = (128 - zp) * jnp.sum(kernel.astype(jnp.int32), axis=(0, 1, 2))
@@ -230,7 +233,8 @@ def integer_linear(x: QArray, kernel: Array) -> Array:
 
 def _lookup(x: QArray, table: Array) -> Array:
     """Apply a 256-entry uint8 table to every element (what QNNPACK's LUT kernels do)."""
-    return jnp.take(table, x.values.astype(jnp.int32), axis=0)
+    # uint8 indices into 256 entries are always in bounds: no clamping or fill needed.
+    return table.at[x.values.astype(jnp.int32)].get(mode="promise_in_bounds")
 
 
 def _dequantized_levels(x: QArray) -> Array:
