@@ -31,6 +31,7 @@ from mbv3_jax.models import build_from_architecture, qat
 from train import augment, checkpointing, data
 from train.average import set_model_state
 from train.config import TrainConfig, config_from_dict
+from train.trainer import QATSchedule
 
 
 def _run_config(workdir: Path) -> TrainConfig:
@@ -57,10 +58,7 @@ def load_qat_run(
     state, meta, step = checkpointing.restore_host(workdir, step)
     set_model_state(model, state["params"], state["batch_stats"])
     spe = int(meta.get("steps_per_epoch") or round(step / meta["epoch"]))
-    from train.trainer import QATSchedule
-
-    schedule = QATSchedule.from_config(config.qat, spe)
-    model.set_schedule(observe=step < schedule.observer_steps, freeze_bn=step >= schedule.batch_norm_steps)
+    QATSchedule.from_config(config.qat, spe).for_train_step(model, step)
     model.eval()
     return model, step, meta
 
@@ -134,7 +132,7 @@ def _evaluate(model, qmodel, tv_model, engine: str, batches, total: int, progres
     """Top-1 of the QAT model (unless None), the JAX integer model and torch's (unless None)."""
     models = {"top1_int8": qmodel}
     if model is not None:
-        model.set_schedule(observe=False, freeze_bn=True)  # evaluation does not move the observers
+        QATSchedule.for_eval(model)
         models["top1_qat"] = model
     correct = dict.fromkeys([*models, *(["top1_torch"] if tv_model is not None else [])], 0)
     disagree, count = 0, 0

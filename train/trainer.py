@@ -184,10 +184,12 @@ class QATSchedule:
             (cfg.num_batch_norm_update_epochs + 1) * steps_per_epoch,
         )
 
-    def for_train_step(self, model: nnx.Module, step: jax.Array) -> None:
+    def for_train_step(self, model: nnx.Module, step: jax.Array | int) -> None:
+        """The switches as they stand for ``step`` (traced in the train step, an int after a run)."""
         model.set_schedule(observe=step < self.observer_steps, freeze_bn=step >= self.batch_norm_steps)
 
-    def for_eval(self, model: nnx.Module) -> None:
+    @staticmethod
+    def for_eval(model: nnx.Module) -> None:
         # Evaluation never moves the observers (torch's script lets eval batches update them until
         # observers are disabled; here eval results depend on the trained state only).
         model.set_schedule(observe=False, freeze_bn=True)

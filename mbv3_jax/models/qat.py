@@ -1287,11 +1287,11 @@ def _copy_float_weights(model: nnx.Module, qmodel: QATMobileNetV3) -> None:
     for path, var in float_vars.items():
         target = targets[_qat_path(path)]
         target.set_value(jnp.asarray(np.asarray(var.get_value()), target.get_value().dtype))
-    float_bn = {tuple(p): m for p, m in nnx.iter_graph(model) if isinstance(m, FloatBatchNorm)}
-    for path, bn in float_bn.items():
-        qbn = qmodel
-        for part in _qat_path((*path, "_"))[:-1]:
-            qbn = qbn[int(part)] if isinstance(part, int) or str(part).isdigit() else getattr(qbn, part)
+    qat_bn = {tuple(p): m for p, m in nnx.iter_graph(qmodel) if isinstance(m, BatchNorm)}
+    for path, bn in nnx.iter_graph(model):
+        if not isinstance(bn, FloatBatchNorm):
+            continue
+        qbn = qat_bn[_qat_path((*path, "_"))[:-1]]  # the module path, mapped as its variables are
         if not np.isclose(bn.eps, qbn.eps):
             raise ValueError(
                 f"from_float: {'.'.join(map(str, path))} has BatchNorm eps {bn.eps}, QAT {qbn.eps}"
