@@ -28,5 +28,6 @@ def unfused(fn: Callable[..., Any], *args: Any) -> Any:
     leaves = [x for x in jax.tree.leaves(args) if getattr(x, "size", 0)]
     if not leaves:
         return fn(*args)
-    probe = jnp.ravel(leaves[0])[0]
+    # x == x is not foldable for a float (NaN); XLA folds it to true for an integer, hence the convert.
+    probe = jnp.ravel(leaves[0])[0].astype(jnp.float32)
     return jax.lax.cond(probe == probe, fn, fn, *args)
