@@ -144,3 +144,17 @@ def test_unfused_is_the_function_with_its_gradient():
     # A NaN probe (the predicate's false branch) gives the same result.
     xn = x.at[0, 0].set(jnp.nan)
     np.testing.assert_array_equal(np.asarray(unfused(fn, xn, y)[0]), np.asarray(fn(xn, y)[0]))
+
+
+def test_unfused_keeps_its_conditional_for_integer_operands():
+    # x == x on an integer probe folds to true and XLA drops the conditional (and the separation).
+    from mbv3_jax.ops.unfused import unfused
+
+    def fn(v):
+        return (v.astype(jnp.int32) * 3 + 1).astype(jnp.uint8)
+
+    v = jnp.arange(24, dtype=jnp.uint8).reshape(4, 6)
+    compiled = jax.jit(lambda a: unfused(fn, a)).lower(v).compile()
+    np.testing.assert_array_equal(np.asarray(compiled(v)), np.asarray(fn(v)))
+    if jax.default_backend() == "cpu":
+        assert "conditional(" in compiled.as_text()

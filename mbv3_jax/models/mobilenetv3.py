@@ -16,7 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mbv3_jax.layers import ConvNormActivation, DType, Linear, SqueezeExcitation, hardswish
+from mbv3_jax.layers import (
+    ConvNormActivation,
+    DType,
+    FrozenBatchNorm,
+    Linear,
+    SqueezeExcitation,
+    hardswish,
+)
+from mbv3_jax.ops.unfused import unfused
 from mbv3_jax.runtime import Dropout, List, Model, Module, call_compiled, is_frozen
 
 # torchvision's MobileNetV3 BatchNorm: BatchNorm2d(eps=0.001, momentum=0.01).
@@ -194,9 +202,21 @@ class InvertedResidual(Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x
-        for layer in self.block:
-            y = layer(y)
+        for i, layer in enumerate(self.block):
+            feeds_se = i + 1 < len(self.block) and isinstance(self.block[i + 1], SqueezeExcitation)
+            if feeds_se and _fixed_statistics(layer):
+                # SE reads the depthwise output twice (pooling, then the multiply): fused into both,
+                # XLA:CPU computes the depthwise conv twice. Its own buffer instead (CPU only).
+                y = unfused(layer, y)
+            else:
+                y = layer(y)
         return x + y if self.use_res_connect else y
+
+
+def _fixed_statistics(layer: ConvNormActivation) -> bool:
+    """Whether the layer's normalisation only reads state (eval BatchNorm, FrozenBatchNorm): a
+    layer that updates running statistics cannot run inside a conditional's branch."""
+    return isinstance(layer.bn, FrozenBatchNorm) or layer.bn.use_running_average
 
 
 def check_images(x: Any, in_channels: int = 3) -> None:
