@@ -6,8 +6,8 @@ What torch's eager-mode ``convert`` produces, op for op: the float input is quan
 clamp at the output zero point), hardswish / hardsigmoid / adaptive average pooling / the SE
 multiply / the residual add are quantized ops with their own output scale and zero point, and the
 logits are dequantized at the end. Weights are int8 per-tensor (symmetric), activations uint8,
-products accumulate in int32 (int8 x int8 dots and convolutions with ``preferred_element_type``,
-never float32: a 1x1 conv over 960 channels can exceed 2**24).
+dense products accumulate in int32 (int8 x int8 dots with ``preferred_element_type``: a 1x1 conv
+over 960 channels can exceed 2**24); depthwise sums (<= 25 terms) are exact in float32.
 
 The requantization arithmetic follows one of torch's quantized engines, chosen by ``backend``:
 
