@@ -121,3 +121,5 @@ def test_quantization_aware_training(demo, tmp_path):
     # the command line: errors are reported, not raised
     assert quantize_main([str(qat_dir), "--out", str(out)]) == 2  # exists
     assert quantize_main([str(workdir), "--out", str(tmp_path / "x")]) == 2  # a float run
+    assert average_main([str(qat_dir), "--out", str(tmp_path / "avg")]) == 2  # observers don't average
+    assert not (tmp_path / "avg").exists()

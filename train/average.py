@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from mbv3_jax.checkpoint import read_architecture, save
-from mbv3_jax.models import build_from_architecture
+from mbv3_jax.models import build_from_architecture, qat
 from train import checkpointing
 from train.metrics import read_csv
 
@@ -55,6 +55,13 @@ def average_checkpoints(
     if Path(out).exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     architecture = read_architecture(workdir)
+    model = build_from_architecture(architecture)
+    if isinstance(model, qat.QATMobileNetV3):
+        raise ValueError(
+            f"{workdir} is a quantization-aware training run: averaging its checkpoints would mix "
+            "observer ranges (and so scales and zero points) from different steps; convert one "
+            "checkpoint instead: mbv3-quantize WORKDIR --out DIR [--step N]"
+        )
     manager = checkpointing.make_manager(workdir, create=False, async_save=False)
     available = set(manager.all_steps())
     manager.close()
@@ -75,7 +82,6 @@ def average_checkpoints(
         state, _, _ = checkpointing.restore_host(workdir, step)
         params.append(state["params"])
         stats.append(state["batch_stats"])
-    model = build_from_architecture(architecture)
     set_model_state(model, average_trees(params), average_trees(stats))
     model.eval()
     return save(model, out, overwrite=overwrite), list(steps)
