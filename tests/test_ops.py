@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mbv3_jax.layers import batch_norm_train, depthwise_conv_shift, dilated_conv_taps
+from mbv3_jax.layers import batch_norm_train, depthwise_conv_shift, dilated_conv_taps, few_channel_conv_taps
 from mbv3_jax.ops import interpolate_bilinear
 
 
@@ -47,6 +47,36 @@ def test_dilated_conv_taps_matches_xla(dilation):
     got = dilated_conv_taps(x, k, dilation, dilation, precision="highest")
     assert got.shape == ref.shape
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [((2, 19, 24, 3), 3, 2, 1), ((1, 9, 11, 2), 5, 1, 2)])
+def test_few_channel_conv_taps_matches_xla(shape, kernel, stride, padding):
+    """The stem rewrite: same values as XLA's convolution (float64: to rounding), same gradients."""
+    rng = np.random.default_rng(sum(shape))
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal(shape))
+        k = jnp.asarray(rng.standard_normal((kernel, kernel, shape[-1], 8)))
+
+        def xla(x, k):
+            pad = ((padding, padding),) * 2
+            return jax.lax.conv_general_dilated(
+                x, k, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+
+        ref, ref_vjp = jax.vjp(xla, x, k)
+        got, got_vjp = jax.vjp(lambda x, k: few_channel_conv_taps(x, k, stride, padding), x, k)
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-12)
+        g = jnp.asarray(rng.standard_normal(ref.shape))
+        for a, b in zip(got_vjp(g), ref_vjp(g), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # bfloat16 inputs are summed in float32 and rounded once.
+    xb, kb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
+    got_bf16 = few_channel_conv_taps(xb, kb, stride, padding)
+    ref32 = xla(xb.astype(jnp.float32), kb.astype(jnp.float32))
+    assert got_bf16.dtype == jnp.bfloat16
+    # One bfloat16 rounding of the float32 sum: within half a bfloat16 ulp (2^-9 relative), plus slack.
+    np.testing.assert_allclose(np.asarray(got_bf16, np.float32), np.asarray(ref32), rtol=2**-8, atol=0)
 
 
 def test_interpolate_bilinear_float64_matches_torch():
