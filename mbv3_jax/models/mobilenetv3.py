@@ -25,7 +25,16 @@ from mbv3_jax.layers import (
     hardswish,
 )
 from mbv3_jax.ops.unfused import unfused
-from mbv3_jax.runtime import Dropout, List, Model, Module, call_compiled, is_frozen
+from mbv3_jax.runtime import (
+    Dropout,
+    List,
+    Model,
+    Module,
+    call_compiled,
+    cpu_micro_batch_size,
+    is_frozen,
+    map_micro_batches,
+)
 
 # torchvision's MobileNetV3 BatchNorm: BatchNorm2d(eps=0.001, momentum=0.01).
 BN_EPS = 1e-3
@@ -414,16 +423,8 @@ class MobileNetV3(Model):
         Only when every BatchNorm uses running statistics and dropout is off, so each sample's
         result is independent of the others and the function is unchanged.
         """
-        size = self.eval_micro_batch
-        if size is None:
-            size = CPU_EVAL_MICRO_BATCH if jax.default_backend() == "cpu" else 0
-        n = x.shape[0]
-        if not size or n <= size or not is_frozen(self):
-            return fn(x)
-        pad = (-n) % size
-        xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, size, *x.shape[1:])
-        out = jax.lax.map(fn, xs)
-        return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:])[:n], out)
+        size = cpu_micro_batch_size(self.eval_micro_batch, CPU_EVAL_MICRO_BATCH)
+        return map_micro_batches(fn, x, size if is_frozen(self) else 0)
 
 
 def dump_architecture(architecture: dict[str, Any], dtype: DType | None, param_dtype: DType) -> str:

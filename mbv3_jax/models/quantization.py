@@ -53,7 +53,14 @@ from mbv3_jax.models.mobilenetv3 import (
     mobilenet_v3_config,
 )
 from mbv3_jax.ops.unfused import unfused
-from mbv3_jax.runtime import List, Model, Module, call_compiled
+from mbv3_jax.runtime import (
+    List,
+    Model,
+    Module,
+    call_compiled,
+    cpu_micro_batch_size,
+    map_micro_batches,
+)
 
 Array = jax.Array
 
@@ -685,16 +692,8 @@ class QuantizedMobileNetV3(Model):
         """On CPU, run ``fn`` over micro-batches (lax.map) so activations stay in cache, as
         MobileNetV3 does (every op is per sample, so results do not change). Measured here at batch
         32: see benchmarks/bench_quantized.py."""
-        size = self.eval_micro_batch
-        if size is None:
-            size = CPU_EVAL_MICRO_BATCH if jax.default_backend() == "cpu" else 0
-        n = x.shape[0]
-        if not size or n <= size:
-            return fn(x)
-        pad = (-n) % size
-        xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, size, *x.shape[1:])
-        out = jax.lax.map(fn, xs)
-        return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:])[:n], out)
+        size = cpu_micro_batch_size(self.eval_micro_batch, CPU_EVAL_MICRO_BATCH)
+        return map_micro_batches(fn, x, size)
 
 
 def mobilenet_v3_large(

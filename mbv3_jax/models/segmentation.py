@@ -30,11 +30,22 @@ from mbv3_jax.models.mobilenetv3 import (
     stage_indices,
 )
 from mbv3_jax.ops import interpolate_bilinear
-from mbv3_jax.runtime import Dropout, List, Model, Module, call_compiled
+from mbv3_jax.runtime import (
+    Dropout,
+    List,
+    Model,
+    Module,
+    call_compiled,
+    cpu_micro_batch_size,
+    is_frozen,
+    map_micro_batches,
+)
 
 # torch.nn.BatchNorm2d defaults, which torchvision's segmentation heads use.
 HEAD_BN = dict(bn_eps=1e-5, bn_momentum=0.1)
 DEFAULT_NUM_CLASSES = 21  # the VOC categories of torchvision's COCO-trained weights
+# Eval micro-batch on CPU; see SegmentationModel._in_micro_batches.
+CPU_SEGMENTATION_MICRO_BATCH = 1
 
 
 class LRASPPHead(Module):
@@ -124,6 +135,8 @@ class SegmentationModel(Model):
         self.high_channels = features_out_channels(table)
         self.num_classes = kwargs["num_classes"]
         self.dtype = dtype
+        # None: CPU_SEGMENTATION_MICRO_BATCH on CPU, the whole batch elsewhere; 0: the whole batch.
+        self.eval_micro_batch: int | None = None
         self.architecture_json = dump_architecture({"builder": builder, "kwargs": kwargs}, dtype, param_dtype)
 
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
@@ -142,13 +155,23 @@ class SegmentationModel(Model):
     # -- traceable implementations (run under jit) ------------------------------------------------
 
     def forward(self, x: jax.Array) -> dict[str, jax.Array]:
-        feats = self.forward_features(x, (self.low_stage, self.high_stage))
+        return self._in_micro_batches(self._segment, x)
+
+    def forward_features(self, x: jax.Array, stages: tuple[int, ...]) -> dict[int, jax.Array]:
+        return self._in_micro_batches(lambda xb: run_stages(self.backbone, xb, stages), x)
+
+    def _segment(self, x: jax.Array) -> dict[str, jax.Array]:
+        feats = run_stages(self.backbone, x, (self.low_stage, self.high_stage))
         size = x.shape[1:3]
         heads = self._heads(feats[self.low_stage], feats[self.high_stage])
         return {k: interpolate_bilinear(v, size) for k, v in heads.items()}
 
-    def forward_features(self, x: jax.Array, stages: tuple[int, ...]) -> dict[int, jax.Array]:
-        return run_stages(self.backbone, x, stages)
+    def _in_micro_batches(self, fn, x: jax.Array):
+        """Eval on CPU: one image at a time (lax.map). A 520 px image's activations (up to 23 MB
+        each) already fill most of the 32 MB L3; a batch of 8 spills to memory. Only when every
+        BatchNorm uses running statistics and dropout is off (per-image results, unchanged)."""
+        size = cpu_micro_batch_size(self.eval_micro_batch, CPU_SEGMENTATION_MICRO_BATCH)
+        return map_micro_batches(fn, x, size if is_frozen(self) else 0)
 
     def _heads(self, low: jax.Array, high: jax.Array) -> dict[str, jax.Array]:
         raise NotImplementedError
