@@ -371,21 +371,22 @@ class Conv2d(Module):
     def is_pointwise(self) -> bool:
         return self.kernel_size == 1 and self.stride == 1 and self.groups == 1 and self.padding == 0
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, padding: int | None = None) -> Array:
+        """``padding`` overrides the layer's own (0: ``x`` already carries its zero border)."""
+        p = self.padding if padding is None else padding
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         kernel = self.kernel[...].astype(dtype)
         fast = self.impl == "fast" or (self.impl == "auto" and _fast_cpu_path())
         if fast and self.is_depthwise:
-            y = depthwise_conv_shift(x, kernel, self.stride, self.padding, self.dilation)
-        elif fast and self.is_pointwise:
+            y = depthwise_conv_shift(x, kernel, self.stride, p, self.dilation)
+        elif fast and self.is_pointwise and p == 0:
             y = pointwise_conv_dot(x, kernel)
         elif fast and self.groups == 1 and self.stride == 1 and self.dilation > 1:
-            y = dilated_conv_taps(x, kernel, self.padding, self.dilation)
+            y = dilated_conv_taps(x, kernel, p, self.dilation)
         elif fast and self.groups == 1 and self.dilation == 1 and self.in_channels <= _FEW_INPUT_CHANNELS:
-            y = few_channel_conv_taps(x, kernel, self.stride, self.padding)
+            y = few_channel_conv_taps(x, kernel, self.stride, p)
         else:
-            p = self.padding
             y = jax.lax.conv_general_dilated(
                 x,
                 kernel,
@@ -613,8 +614,8 @@ class ConvNormActivation(Module):
                 out_channels, eps=bn_eps, momentum=bn_momentum, dtype=dtype, param_dtype=param_dtype
             )
 
-    def __call__(self, x: Array) -> Array:
-        y = self.conv(x)
+    def __call__(self, x: Array, padding: int | None = None) -> Array:
+        y = self.conv(x, padding)
         shape = y.shape
         # Normalise on the (N*H*W, C) view: XLA:CPU runs the per-channel affine fused after a 1x1
         # conv (a dot) slower when the fusion indexes the 4-D shape. Batch-1 classifiers measured

@@ -186,3 +186,23 @@ def test_segmentation_backbone_from_classifier_weights():
     small = torchvision.models.mobilenet_v3_small().state_dict()
     with pytest.raises(ValueError, match="mobilenet_v3_large checkpoint"):
         load_torchvision("lraspp_mobilenet_v3_large", weights_backbone=small)
+
+
+def test_expand_with_border_is_bit_identical(monkeypatch):
+    """Eval on CPU: an expand conv computed on the zero-padded input, its border zeroed, gives the
+    depthwise conv the same numbers as padding the expanded map (224 px: the 112x112 block)."""
+    import jax
+
+    from mbv3_jax.models import mobilenetv3
+
+    model = mbv3_jax.get_model("mobilenet_v3_large")
+    model.eval()
+    block = model.features[2]
+    assert block._expands_into_border(jnp.zeros((1, 112, 112, 16)))
+    assert not block._expands_into_border(jnp.zeros((1, 20, 20, 16)))  # border > 5% of the map
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 224, 224, 3)), jnp.float32)
+    with_border = np.asarray(jax.jit(model.forward)(x))
+    monkeypatch.setattr(mobilenetv3, "_MAX_BORDER_GROWTH", 0.0)
+    assert not block._expands_into_border(jnp.zeros((1, 112, 112, 16)))
+    plain = np.asarray(jax.jit(model.forward)(x))
+    np.testing.assert_array_equal(with_border, plain)
