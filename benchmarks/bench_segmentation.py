@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--size", nargs=2, type=int, default=[520, 693], metavar=("H", "W"))
-    parser.add_argument("--rounds", type=int, default=7, help="alternating timed blocks per system (median)")
+    parser.add_argument("--rounds", type=int, default=15, help="alternating timed blocks per system (median)")
     args = parser.parse_args()
     print_environment()
     print(
