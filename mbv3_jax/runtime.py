@@ -176,8 +176,9 @@ def cpu_micro_batch_size(requested: int | None, cpu_default: int) -> int:
 def map_micro_batches(fn: Callable[[jax.Array], Any], x: jax.Array, size: int) -> Any:
     """``fn(x)`` computed over micro-batches of ``size`` samples (``lax.map``), outputs re-joined.
 
-    For per-sample functions (eval mode) only: the result is then that of ``fn(x)``. On CPU a
-    micro-batch keeps activations in cache. ``size`` 0, or a batch no larger: ``fn(x)`` itself.
+    For per-sample functions (eval mode) only: the result is then that of ``fn(x)`` up to rounding
+    (XLA blocks a matmul by its row count). On CPU a micro-batch keeps activations in cache.
+    ``size`` 0, or a batch no larger: ``fn(x)`` itself.
     """
     n = x.shape[0]
     if not size or n <= size:

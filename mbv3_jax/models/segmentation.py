@@ -169,7 +169,8 @@ class SegmentationModel(Model):
     def _in_micro_batches(self, fn, x: jax.Array):
         """Eval on CPU: one image at a time (lax.map). A 520 px image's activations (up to 23 MB
         each) already fill most of the 32 MB L3; a batch of 8 spills to memory. Only when every
-        BatchNorm uses running statistics and dropout is off (per-image results, unchanged)."""
+        BatchNorm uses running statistics and dropout is off: the same function per image (to
+        rounding: a whole-batch matmul is blocked differently)."""
         size = cpu_micro_batch_size(self.eval_micro_batch, CPU_SEGMENTATION_MICRO_BATCH)
         return map_micro_batches(fn, x, size if is_frozen(self) else 0)
 
