@@ -262,13 +262,16 @@ def dilated_conv_taps(x: Array, kernel: Array, padding: int, dilation: int, prec
 _FEW_INPUT_CHANNELS = 4
 
 
-def _xla_conv(x: Array, kernel: Array, stride: int, padding: int) -> Array:
+def xla_conv(x: Array, kernel: Array, stride: int, padding: int, dilation: int = 1, groups: int = 1) -> Array:
+    """XLA's own convolution, NHWC / HWIO, symmetric padding (what GPU/TPU run)."""
     return jax.lax.conv_general_dilated(
         x,
         kernel,
         window_strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
+        rhs_dilation=(dilation, dilation),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
     )
 
 
@@ -321,7 +324,7 @@ def _few_channel_taps_fwd(x, kernel, stride, padding):
 
 def _few_channel_taps_bwd(stride, padding, residuals, g):
     x, kernel = residuals
-    _, vjp = jax.vjp(lambda x, k: _xla_conv(x, k, stride, padding), x, kernel)
+    _, vjp = jax.vjp(lambda x, k: xla_conv(x, k, stride, padding), x, kernel)
     return vjp(g)
 
 
@@ -387,15 +390,7 @@ class Conv2d(Module):
         elif fast and self.groups == 1 and self.dilation == 1 and self.in_channels <= _FEW_INPUT_CHANNELS:
             y = few_channel_conv_taps(x, kernel, self.stride, p)
         else:
-            y = jax.lax.conv_general_dilated(
-                x,
-                kernel,
-                window_strides=(self.stride, self.stride),
-                padding=((p, p), (p, p)),
-                rhs_dilation=(self.dilation, self.dilation),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                feature_group_count=self.groups,
-            )
+            y = xla_conv(x, kernel, self.stride, p, self.dilation, self.groups)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y

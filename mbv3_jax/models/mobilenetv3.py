@@ -215,9 +215,8 @@ class InvertedResidual(Module):
         y, start = x, 0
         if self._expands_into_border(x):
             y, start = self._expand_with_border(x), 2
-        for i, layer in enumerate(self.block):
-            if i < start:
-                continue
+        for i in range(start, len(self.block)):
+            layer = self.block[i]
             feeds_se = i + 1 < len(self.block) and isinstance(self.block[i + 1], SqueezeExcitation)
             if feeds_se and _fixed_statistics(layer):
                 # SE reads the depthwise output twice (pooling, then the multiply): fused into both,
@@ -252,10 +251,10 @@ class InvertedResidual(Module):
         """Expand 1x1 + depthwise, with the 1x1 conv computed on the zero-padded (narrower) input.
 
         The depthwise conv reads a zero-bordered copy of the expanded map. Writing that copy took a
-        pass over the widest tensor of the block (260x347x64 at 520x693: ~3 ms); padding the narrower
-        input instead moves a third to a quarter of the bytes, and the border's normalised, activated values
-        are replaced by exact zeros, so the depthwise conv sees the same numbers. Same outputs, bit
-        for bit; LR-ASPP at 520x693 batch 1 ~5% faster, Large batch 32 ~6%.
+        pass over the widest tensor of the block (260x347x64 at 520x693: ~3 ms); padding the
+        narrower input instead moves a third to a quarter of the bytes, and the border's normalised,
+        activated values are replaced by exact zeros, so the depthwise conv sees the same numbers.
+        Same outputs, bit for bit; LR-ASPP at 520x693 batch 1 ~5% faster, Large batch 32 ~6%.
         """
         expand, depthwise = self.block[0], self.block[1]
         p = depthwise.conv.padding

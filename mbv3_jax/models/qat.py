@@ -68,7 +68,7 @@ import numpy as np
 from flax import nnx
 
 from mbv3_jax import torch_numerics as tn
-from mbv3_jax.layers import depthwise_conv_shift, pointwise_conv_dot
+from mbv3_jax.layers import depthwise_conv_shift, pointwise_conv_dot, xla_conv
 from mbv3_jax.models.mobilenetv3 import (
     BlockConfig,
     check_images,
@@ -535,14 +535,7 @@ def _xla_conv(x: Array, kernel: Array, bias: Array | None, stride: int, padding:
     elif cpu and kh == kw == 1 and stride == 1 and padding == 0 and groups == 1:
         y = pointwise_conv_dot(x, kernel)
     else:
-        y = jax.lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=(stride, stride),
-            padding=((padding, padding), (padding, padding)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=groups,
-        )
+        y = xla_conv(x, kernel, stride, padding, groups=groups)
     return y if bias is None else y + bias
 
 
