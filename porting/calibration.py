@@ -254,3 +254,110 @@ def calibrated_any_detector_(
     if isinstance(model, SSD):
         return calibrated_ssd_(model, images, seed)
     return calibrated_detector_(model, images, seed)
+
+
+# Inputs of these activations where the derivative jumps (torch's formulas; the port's custom JVPs
+# take the same side at each kink).
+_ACTIVATION_KINKS: dict[type, tuple[float, ...]] = {
+    torch.nn.ReLU: (0.0,),
+    torch.nn.ReLU6: (0.0, 6.0),
+    torch.nn.Hardswish: (-3.0, 3.0),
+    torch.nn.Hardsigmoid: (-3.0, 3.0),
+}
+
+
+def _activation_biases(model: torch.nn.Module) -> dict[torch.nn.Module, torch.nn.Parameter]:
+    """Each activation module -> the bias added just before it (BatchNorm's, or the conv / linear's).
+
+    Modules are visited in registration order, which for torchvision's blocks is the forward order;
+    squeeze-excitation registers fc1 and fc2 before both of its activations, so it is special-cased.
+    """
+    found: dict[torch.nn.Module, torch.nn.Parameter] = {}
+    last_bias = None
+    for module in model.modules():
+        if hasattr(module, "fc1") and hasattr(module, "scale_activation"):  # SqueezeExcitation
+            found[module.activation] = module.fc1.bias
+            found[module.scale_activation] = module.fc2.bias
+        elif type(module) in _ACTIVATION_KINKS and module not in found and last_bias is not None:
+            found[module] = last_bias
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.nn.Parameter):
+            last_bias = bias
+    return found
+
+
+def _activation_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """(activation module, its input in float64) in execution order, for one train-mode forward
+    that leaves the BatchNorm running statistics as they were."""
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    seen: list = []
+    # Pre-hooks: an in-place ReLU overwrites its input.
+    hooks = [
+        m.register_forward_pre_hook(lambda m, i: seen.append((m, i[0].detach().double().clone())))
+        for m in model.modules()
+        if type(m) in _ACTIVATION_KINKS
+    ]
+    try:
+        model.train()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.load_state_dict(buffers, strict=False)
+    return seen
+
+
+def _kink_clearing_shifts(values: np.ndarray, kinks: tuple[float, ...], margin: float) -> np.ndarray:
+    """Per channel (rows of ``values``), the smallest shift (0, +-2m, +-4m, ...) that leaves no
+    value within ``margin`` of a kink."""
+    shifts = np.zeros(len(values))
+    for c, row in enumerate(values):
+        for step in range(2001):
+            shift = (step + 1) // 2 * (1 if step % 2 else -1) * 2 * margin
+            if all(not np.any(np.abs(row + shift - k) < margin) for k in kinks):
+                shifts[c] = shift
+                break
+        else:
+            raise RuntimeError(f"no bias shift moves channel {c} off the activation kinks {kinks}")
+    return shifts
+
+
+def move_off_activation_kinks_(
+    model32: torch.nn.Module, model64: torch.nn.Module, x: torch.Tensor, factor: float = 16.0
+) -> float:
+    """Shift biases so that, in a train-mode forward of ``x``, no activation input lies near a kink.
+
+    An activation input within float32 rounding of a kink (ReLU's 0, hardswish's +-3) can fall on
+    either side in a float32 run, and the derivative jumps there: the float32 gradients then differ
+    from the float64 ones by O(1) in that element, for reasons no implementation controls (the side
+    depends on the CPU's kernels). Here, layer by layer in execution order, each channel holding an
+    input within ``factor`` x the layer's largest float32 error (``model32`` against its float64 copy
+    ``model64``, measured) of a kink gets the smallest bias shift that moves all its inputs outside
+    that margin (the bias just before an activation shifts its input exactly). ``model64`` must hold
+    ``model32``'s parameters in float64; both get the same float32-representable biases.
+    Returns the smallest distance of any activation input to a kink, in units of its layer's largest
+    float32 error (>= ``factor``).
+    """
+    biases32, biases64 = _activation_biases(model32), _activation_biases(model64)
+    worst, start = float("inf"), 0
+    while True:
+        inputs32 = _activation_inputs(model32, x.float())
+        inputs64 = _activation_inputs(model64, x.double())
+        if start == len(inputs64):
+            return worst
+        for position in range(start, len(inputs64)):
+            (module32, w), (module64, v) = inputs32[position], inputs64[position]
+            noise = float((v - w).abs().max()) or float(np.finfo(np.float32).eps)
+            kinks = _ACTIVATION_KINKS[type(module64)]
+            channels = v.transpose(0, 1).reshape(v.shape[1], -1).numpy()
+            shifts = _kink_clearing_shifts(channels, kinks, factor * noise)
+            moved = channels + shifts[:, None]
+            worst = min(worst, min(float(np.min(np.abs(moved - k))) for k in kinks) / noise)
+            start = position + 1
+            if np.any(shifts):
+                with torch.no_grad():
+                    shifted = biases64[module64].double() + torch.from_numpy(shifts)
+                    biases32[module32].copy_(shifted.float())
+                    biases64[module64].copy_(biases32[module32].double())
+                break  # everything downstream moved: measure again

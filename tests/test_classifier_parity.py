@@ -14,7 +14,7 @@ import torchvision
 from flax import nnx
 
 from porting import load_torchvision, to_torchvision
-from porting.calibration import calibrated_random_weights_
+from porting.calibration import calibrated_random_weights_, move_off_activation_kinks_
 from porting.mapping import convert_to_jax, format_path, model_variables
 from porting.parity import assert_close_gradients, assert_close_tensors, run_parity
 from porting.rules import rules_for
@@ -153,13 +153,23 @@ def test_gradients_float64(name, kwargs, inputs_nchw):
     assert_close_gradients(ref["grads"], got["grads"], GRAD_TOL)
 
 
-def test_gradients_float32_as_accurate_as_torch(inputs_nchw):
-    """fp32 gradients: within 1e-4 of the float64 truth, or no further from it than twice torch fp32."""
-    name, kwargs = "mobilenet_v3_small", {}
-    kwargs, tv, x, labels = _train_setup(name, kwargs, inputs_nchw, torch.float32)
-    model = load_torchvision(name, tv.state_dict(), **kwargs)
-    ref32, got32 = _train_step_both(tv, model, x, labels)
-    kwargs, tv64, x64, _ = _train_setup(name, kwargs, inputs_nchw, torch.float64)
+def test_gradients_float32_match_float64(inputs_nchw):
+    """fp32 gradients within GRAD_TOL of the float64 ones, on weights with no activation input near a kink.
+
+    Where an activation input lies within float32 rounding of a kink (hardswish's +-3, ReLU's 0),
+    a float32 run may take either side, and which one depends on the CPU's kernels (on AVX-512 XLA's
+    and torch's land on different sides of hardswish's 3 for these photos). The biases are first
+    shifted so that every activation input is at least 16x its layer's float32 error away from any
+    kink (porting.calibration.move_off_activation_kinks_): then fp32 differs from float64 by rounding
+    only, for torch and for the port alike.
+    """
+    name = "mobilenet_v3_small"
+    kwargs, tv32, x32, labels = _train_setup(name, {}, inputs_nchw, torch.float32)
+    _, tv64, x64, _ = _train_setup(name, {}, inputs_nchw, torch.float64)
+    margin = move_off_activation_kinks_(tv32, tv64, x32)
+    assert margin >= 16
+    model = load_torchvision(name, tv32.state_dict(), **kwargs)
+    ref32, got32 = _train_step_both(tv32, model, x32, labels)
     tv64.train()
     tv64.zero_grad()
     torch.nn.functional.cross_entropy(tv64(x64), torch.from_numpy(labels)).backward()
@@ -167,13 +177,17 @@ def test_gradients_float32_as_accurate_as_torch(inputs_nchw):
         {k: p.grad for k, p in tv64.named_parameters()}, model, rules_for(name), strict=False
     )
     global_scale = max(float(np.max(np.abs(t))) for t in truth.values())
+    worst_torch = worst_jax = 0.0
     for path, t in truth.items():
         scale = np.max(np.abs(t))
         if scale <= 1e-12 * global_scale:  # exactly zero in exact arithmetic (see above)
             continue
         err_torch = np.max(np.abs(ref32["grads"][path] - t)) / scale
         err_jax = np.max(np.abs(got32["grads"][path] - t)) / scale
-        assert err_jax <= max(GRAD_TOL, 2 * err_torch), (format_path(path), err_jax, err_torch)
+        worst_torch, worst_jax = max(worst_torch, err_torch), max(worst_jax, err_jax)
+        assert err_jax <= GRAD_TOL, (format_path(path), err_jax, err_torch)
+    print(f"\nfp32 gradients vs float64: port {worst_jax:.2e}, torch {worst_torch:.2e}, margin {margin:.0f}x")
+    assert worst_torch <= GRAD_TOL  # the premise: away from kinks fp32 is only rounding
 
 
 @pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[3]])
