@@ -1,17 +1,9 @@
-"""NHWC building blocks with torch semantics and a fast XLA:CPU path.
+"""NHWC building blocks with torch semantics.
 
 Every layer here computes the same function as its torch counterpart (same padding, same
-BatchNorm statistics, same activation formulas). Two convolution kinds are rewritten on the CPU
-because XLA:CPU runs them slowly (see ../shared/docs/cpu-performance-notes.md):
-
-* depthwise convolutions become k*k shifted multiply-adds (XLA:CPU's grouped convolution runs at
-  ~1 GFLOP/s and took ~90% of the model's time), with hand-written input and kernel gradients;
-* 1x1 stride-1 convolutions become a matmul on a (N*H*W, C) view;
-* dilated (atrous) dense convolutions become one matmul per kernel tap, skipping the padding;
-* dense convolutions with few input channels (the RGB stem) become k*k*Cin broadcast multiply-adds.
-
-On GPU/TPU the standard convolution is used. The maths is identical; summation order differs
-only at rounding level.
+BatchNorm statistics, same activation formulas). How a convolution is computed, and how a sequence
+of layers is scheduled, is chosen in one place, ``mbv3_jax.backend`` (CPU kernels on the CPU,
+XLA's generic ops elsewhere).
 """
 
 from __future__ import annotations
@@ -24,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mbv3_jax.ops.unfused import unfused
-from mbv3_jax.runtime import Module
+from mbv3_jax import backend
+from mbv3_jax.runtime import List, Module
 
 Array = jax.Array
 DType = jnp.dtype | type
@@ -110,231 +102,10 @@ def _const(shape: tuple[int, ...], value: float, dtype: DType) -> Array:
     return jnp.asarray(np.full(shape, value, dtype=np.dtype(dtype)))
 
 
-def _fast_cpu_path() -> bool:
-    # Decided at trace time: each backend compiles its own program.
-    return jax.default_backend() == "cpu"
-
-
-def _strided_tap(x: Array, row0: int, col0: int, rows: int, cols: int, stride: int) -> Array:
-    """x[:, row0::stride, col0::stride] limited to rows x cols: what one kernel tap multiplies."""
-    n, _, _, c = x.shape
-    end = (n, row0 + (rows - 1) * stride + 1, col0 + (cols - 1) * stride + 1, c)
-    return jax.lax.slice(x, (0, row0, col0, 0), end, (1, stride, stride, 1))
-
-
-def _depthwise_shift_forward(x: Array, kernel: Array, stride: int, padding: int, dilation: int) -> Array:
-    kh, kw = kernel.shape[:2]
-    if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    _, h, w, _ = x.shape
-    out_h = (h - dilation * (kh - 1) - 1) // stride + 1
-    out_w = (w - dilation * (kw - 1) - 1) // stride + 1
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            term = _strided_tap(x, i * dilation, j * dilation, out_h, out_w, stride) * kernel[i, j, 0]
-            out = term if out is None else out + term
-    return out
-
-
-# Output rows are summed in up to this many groups before the final reduction (see below).
-_KERNEL_GRAD_ROW_GROUPS = 8
-
-
-def depthwise_kernel_grad(
-    x: Array, g: Array, kernel_size: tuple[int, int], stride: int, padding: int, dilation: int
-) -> Array:
-    """d(sum(depthwise(x, k) * g)) / dk, shape (kh, kw, 1, C).
-
-    Autodiff gives one strided tap of x times g per kernel element, each reduced over (N, H, W):
-    XLA:CPU hands each reduction to a YNNPACK fusion that needs its operand in memory, so every
-    tap is written out in full (25 copies of a 5x5 layer's input; ~20% of a training step). Here
-    each tap's products are first summed over groups of output rows inside one loop fusion (no
-    full-size tap is ever written), then the small partial sums are reduced once: the kernel
-    gradient costs about half as much. Rows are split, not the batch: the batch may be sharded.
-    """
-    kh, kw = kernel_size
-    if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    _, out_h, out_w, c = g.shape
-    groups = max(d for d in range(1, _KERNEL_GRAD_ROW_GROUPS + 1) if out_h % d == 0)
-    rows = out_h // groups
-    acc_dtype = jnp.promote_types(g.dtype, jnp.float32)
-    x, g = x.astype(acc_dtype), g.astype(acc_dtype)
-    partial_sums = []
-    for i in range(kh):
-        for j in range(kw):
-            acc = None
-            for k in range(groups):
-                tap = _strided_tap(x, i * dilation + stride * k * rows, j * dilation, rows, out_w, stride)
-                term = tap * g[:, k * rows : (k + 1) * rows]
-                acc = term if acc is None else acc + term
-            partial_sums.append(acc)
-    stacked = jnp.stack(partial_sums, axis=3)  # (N, rows, W, kh*kw, C)
-    return jnp.sum(stacked, axis=(0, 1, 2)).reshape(kh, kw, 1, c)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def depthwise_conv_shift(x: Array, kernel: Array, stride: int, padding: int, dilation: int) -> Array:
-    """Depthwise conv as k*k shifted multiply-adds. x: NHWC, kernel: (kh, kw, 1, C).
-
-    Both gradients are written by hand (the input gradient in ``_depthwise_shift_bwd``, the kernel
-    gradient in ``depthwise_kernel_grad``): XLA:CPU runs them several times faster than autodiff's.
-    """
-    return _depthwise_shift_forward(x, kernel, stride, padding, dilation)
-
-
-def _depthwise_shift_fwd(x, kernel, stride, padding, dilation):
-    return _depthwise_shift_forward(x, kernel, stride, padding, dilation), (x, kernel)
-
-
-def _stuffed_padded(
-    g: Array, kernel_hw: tuple[int, int], input_hw: tuple[int, int], stride: int, padding: int, dilation: int
-) -> Array:
-    """g with stride - 1 zeros between its pixels and the transposed convolution's border: the input
-    gradient is then the flipped kernel slid over it (stride 1), computed like the forward pass."""
-    pads = []
-    for size, k, out in ((input_hw[0], kernel_hw[0], g.shape[1]), (input_hw[1], kernel_hw[1], g.shape[2])):
-        low = (k - 1) * dilation - padding  # may be negative (then it crops): lax.pad allows it
-        stuffed = (out - 1) * stride + 1
-        pads.append((low, size + (k - 1) * dilation - low - stuffed, stride - 1))
-    return jax.lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), pads[0], pads[1], (0, 0, 0)))
-
-
-def _depthwise_shift_bwd(stride, padding, dilation, residuals, g):
-    # Autodiff's transpose of the forward pads each tap's product (with interior zeros for stride 2)
-    # and sums the k*k padded terms in one loop fusion that re-evaluates g's producer (BatchNorm's
-    # backward) for every tap and output element (~160 ms of a training step for one stride-2
-    # layer). Here g is stuffed and padded once (written out by XLA) and read k*k times.
-    x, kernel = residuals
-    kh, kw = kernel.shape[:2]
-    low_h, low_w = (kh - 1) * dilation - padding, (kw - 1) * dilation - padding
-    stuffed = _stuffed_padded(g, (kh, kw), x.shape[1:3], stride, padding, dilation)
-    dx = _depthwise_shift_forward(stuffed, kernel[::-1, ::-1], 1, 0, dilation)
-    if low_h >= 0 and low_w >= 0:
-        # The kernel gradient reads g back from the written-out buffer: g's producer (BatchNorm's
-        # backward) would otherwise be re-evaluated in each of the k*k tap loops. The factor is 1
-        # (kernel values are finite) but hides from XLA that the slice undoes the pad, which it
-        # would otherwise fold back into g.
-        one = 1 + 0 * kernel[0, 0, 0, 0].astype(stuffed.dtype)
-        g = _strided_tap(stuffed * one, low_h, low_w, g.shape[1], g.shape[2], stride)
-    dk = depthwise_kernel_grad(x, g, kernel.shape[:2], stride, padding, dilation)
-    return dx, dk.astype(kernel.dtype)
-
-
-depthwise_conv_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
-
-
-def pointwise_conv_dot(x: Array, kernel: Array, precision=None) -> Array:
-    """1x1 stride-1 conv as a matmul on the (N*H*W, C) view. kernel: (1, 1, Cin, Cout)."""
-    n, h, w, c = x.shape
-    y = jnp.dot(x.reshape(n * h * w, c), kernel[0, 0], precision=precision)
-    return y.reshape(n, h, w, kernel.shape[-1])
-
-
-def dilated_conv_taps(x: Array, kernel: Array, padding: int, dilation: int, precision=None) -> Array:
-    """Stride-1 dense conv as one matmul per kernel tap over the region where that tap sees input.
-
-    For atrous convs (ASPP rates 12/24/36 on a ~33x49 map) most taps read mostly padding; XLA:CPU
-    still multiplies through it (rate 36: 169 ms), this skips it (13 ms). Same sums, other order.
-    """
-    kh, kw, cin, cout = kernel.shape
-    n, h, w, _ = x.shape
-    out_h, out_w = h + 2 * padding - dilation * (kh - 1), w + 2 * padding - dilation * (kw - 1)
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            di, dj = i * dilation - padding, j * dilation - padding  # input offset of this tap
-            r0, r1 = max(0, -di), min(out_h, h - di)
-            c0, c1 = max(0, -dj), min(out_w, w - dj)
-            if r0 >= r1 or c0 >= c1:
-                continue  # this tap only ever reads padding
-            xs = x[:, r0 + di : r1 + di, c0 + dj : c1 + dj, :].reshape(-1, cin)
-            y = jnp.dot(xs, kernel[i, j], precision=precision).reshape(n, r1 - r0, c1 - c0, cout)
-            y = jnp.pad(y, ((0, 0), (r0, out_h - r1), (c0, out_w - c1), (0, 0)))
-            out = y if out is None else out + y
-    if out is None:
-        return jnp.zeros((n, out_h, out_w, cout), x.dtype)
-    return out
-
-
-# Dense convs with at most this many input channels run as broadcast multiply-adds on the CPU.
-_FEW_INPUT_CHANNELS = 4
-
-
-def xla_conv(x: Array, kernel: Array, stride: int, padding: int, dilation: int = 1, groups: int = 1) -> Array:
-    """XLA's own convolution, NHWC / HWIO, symmetric padding (what GPU/TPU run)."""
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
-        rhs_dilation=(dilation, dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups,
-    )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def few_channel_conv_taps(x: Array, kernel: Array, stride: int, padding: int) -> Array:
-    """Dense conv with few input channels (the RGB stem) as kh*kw*Cin broadcast multiply-adds.
-
-    XLA:CPU hands it to Eigen's im2col convolution, whose patch packing of a 3-channel input is
-    most of its cost (stem of a 520x693 image: ~6.5-7 ms; this: ~3-4 ms). Sums are accumulated in at
-    least float32. Gradients are autodiff's of XLA's convolution (the training path is unchanged).
-    """
-    return _few_channel_taps_forward(x, kernel, stride, padding)
-
-
-def _few_channel_taps_forward(x: Array, kernel: Array, stride: int, padding: int) -> Array:
-    # Its own buffer: fused into its consumers (the next block's padded depthwise input and its
-    # residual add), XLA:CPU would evaluate the kh*kw*Cin products once per consumer.
-    return unfused(lambda x, kernel: _few_channel_taps(x, kernel, stride, padding), x, kernel)
-
-
-def _few_channel_taps(x: Array, kernel: Array, stride: int, padding: int) -> Array:
-    kh, kw, cin, _ = kernel.shape
-    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    xp, k = x.astype(acc_dtype), kernel.astype(acc_dtype)
-    if padding:
-        xp = jnp.pad(xp, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    out_h = (xp.shape[1] - kh) // stride + 1
-    out_w = (xp.shape[2] - kw) // stride + 1
-    terms = []
-    for i in range(kh):
-        for j in range(kw):
-            tap = _strided_tap(xp, i, j, out_h, out_w, stride)
-            terms.extend(tap[..., c : c + 1] * k[i, j, c] for c in range(cin))
-    return _pairwise_sum(terms).astype(x.dtype)
-
-
-def _pairwise_sum(terms: list[Array]) -> Array:
-    """Sum as a balanced tree: rounding error grows with log2(len) instead of len (27 stem terms:
-    DeepLabV3's train-mode logits 9.7e-6 -> 8.4e-6 of max|logit| from torch), and faster (more
-    independent adds)."""
-    while len(terms) > 1:
-        pairs = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
-        terms = pairs + terms[len(terms) - len(terms) % 2 :]
-    return terms[0]
-
-
-def _few_channel_taps_fwd(x, kernel, stride, padding):
-    return _few_channel_taps_forward(x, kernel, stride, padding), (x, kernel)
-
-
-def _few_channel_taps_bwd(stride, padding, residuals, g):
-    x, kernel = residuals
-    _, vjp = jax.vjp(lambda x, k: xla_conv(x, k, stride, padding), x, kernel)
-    return vjp(g)
-
-
-few_channel_conv_taps.defvjp(_few_channel_taps_fwd, _few_channel_taps_bwd)
-
-
 class Conv2d(Module):
     """torch.nn.Conv2d in NHWC with symmetric padding; kernel stored HWIO (kh, kw, Cin/groups, Cout).
 
-    ``impl``: "auto" (fast CPU rewrites on CPU, XLA convolution elsewhere), "xla", or "fast".
+    ``mbv3_jax.backend.conv2d`` picks how it is computed (a CPU kernel, or XLA's convolution).
     """
 
     def __init__(
@@ -350,7 +121,6 @@ class Conv2d(Module):
         use_bias: bool = True,
         dtype: DType | None = None,
         param_dtype: DType = jnp.float32,
-        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         if in_channels % groups or out_channels % groups:
@@ -358,7 +128,7 @@ class Conv2d(Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.dilation, self.groups = dilation, groups
-        self.dtype, self.impl = dtype, impl
+        self.dtype = dtype
         shape = (kernel_size, kernel_size, in_channels // groups, out_channels)
         # torchvision's MobileNetV3 init: kaiming normal, fan_out (torch ignores groups here).
         fan_out = out_channels * kernel_size * kernel_size
@@ -380,17 +150,9 @@ class Conv2d(Module):
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         kernel = self.kernel[...].astype(dtype)
-        fast = self.impl == "fast" or (self.impl == "auto" and _fast_cpu_path())
-        if fast and self.is_depthwise:
-            y = depthwise_conv_shift(x, kernel, self.stride, p, self.dilation)
-        elif fast and self.is_pointwise and p == 0:
-            y = pointwise_conv_dot(x, kernel)
-        elif fast and self.groups == 1 and self.stride == 1 and self.dilation > 1:
-            y = dilated_conv_taps(x, kernel, p, self.dilation)
-        elif fast and self.groups == 1 and self.dilation == 1 and self.in_channels <= _FEW_INPUT_CHANNELS:
-            y = few_channel_conv_taps(x, kernel, self.stride, p)
-        else:
-            y = xla_conv(x, kernel, self.stride, p, self.dilation, self.groups)
+        y = backend.conv2d(
+            x, kernel, stride=self.stride, padding=p, dilation=self.dilation, groups=self.groups
+        )
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
@@ -624,6 +386,9 @@ class ConvNormActivation(Module):
 class SqueezeExcitation(Module):
     """torchvision's SqueezeExcitation with ReLU and hardsigmoid (MobileNetV3's variant)."""
 
+    # Its input is read twice (pooled, then scaled): the backend may give it its own buffer.
+    reads_input_twice = True
+
     def __init__(
         self,
         channels: int,
@@ -641,3 +406,10 @@ class SqueezeExcitation(Module):
         s = jnp.mean(x, axis=(1, 2), keepdims=True)
         s = hardsigmoid(self.fc2(relu(self.fc1(s))))
         return x * s
+
+
+class Sequential(List):
+    """torch.nn.Sequential: the layers applied in order (the backend may schedule them for the CPU)."""
+
+    def __call__(self, x: Array) -> Array:
+        return backend.run_sequential(list(self), x)

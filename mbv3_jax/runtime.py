@@ -24,11 +24,9 @@ import dataclasses
 import functools
 import json
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import pytreelib
 
@@ -163,30 +161,6 @@ def _variables_in_leaf_order(model: nnx.Module, state: nnx.State) -> tuple[nnx.V
             raise RuntimeError(f"internal error: could not match state leaf {path} to its Variable")
         variables.append(var)
     return tuple(variables)
-
-
-def cpu_micro_batch_size(requested: int | None, cpu_default: int) -> int:
-    """An ``eval_micro_batch`` setting resolved: None means ``cpu_default`` on CPU and the whole batch
-    (0) elsewhere; 0 always means the whole batch."""
-    if requested is None:
-        return cpu_default if jax.default_backend() == "cpu" else 0
-    return requested
-
-
-def map_micro_batches(fn: Callable[[jax.Array], Any], x: jax.Array, size: int) -> Any:
-    """``fn(x)`` computed over micro-batches of ``size`` samples (``lax.map``), outputs re-joined.
-
-    For per-sample functions (eval mode) only: the result is then that of ``fn(x)`` up to rounding
-    (XLA blocks a matmul by its row count). On CPU a micro-batch keeps activations in cache.
-    ``size`` 0, or a batch no larger: ``fn(x)`` itself.
-    """
-    n = x.shape[0]
-    if not size or n <= size:
-        return fn(x)
-    pad = (-n) % size
-    xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, size, *x.shape[1:])
-    out = jax.lax.map(fn, xs)
-    return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:])[:n], out)
 
 
 def is_frozen(model: nnx.Module) -> bool:

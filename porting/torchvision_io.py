@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -516,6 +517,15 @@ QUANTIZED_MODELS = {"quantized_mobilenet_v3_large", "QuantizedMobileNetV3"}
 # The qconfig torchvision's quantized MobileNetV3 uses (and its published QAT weights were trained
 # with): per-tensor symmetric int8 weights, which is what the JAX integer model implements.
 QAT_QCONFIG_BACKEND = "qnnpack"
+
+
+def x86_backend_here() -> str:
+    """The ``QuantizedMobileNetV3`` backend that computes what torch's "x86" engine computes on this
+    CPU: "x86_vnni" where torch packs convs for oneDNN (Linux, oneDNN built in, AVX512-VNNI: the
+    condition of torch's ``should_use_onednn_quant``), else "x86" (FBGEMM)."""
+    vnni = bool(torch.cpu.get_capabilities().get("avx512_vnni", False))
+    onednn = sys.platform.startswith("linux") and torch.backends.mkldnn.is_available() and vnni
+    return "x86_vnni" if onednn else "x86"
 
 
 @contextlib.contextmanager

@@ -24,6 +24,16 @@ def pytest_collection_modifyitems(items: list) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within files kept
 
 
+@pytest.fixture
+def generic_path():
+    """The test runs the generic path (XLA's convolutions on the whole batch, what TPUs and GPUs run)
+    on this CPU: mbv3_jax.backend's CPU kernels off. Compiled programs are per setting."""
+    from mbv3_jax import backend
+
+    with backend.cpu_kernels(False):
+        yield
+
+
 @pytest.fixture(scope="session")
 def photos() -> list[np.ndarray]:
     from porting.calibration import sample_photos

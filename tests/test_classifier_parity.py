@@ -68,6 +68,12 @@ def test_eval_parity(name, kwargs, inputs_nchw, inputs_nhwc):
     assert report.params == sum(p.numel() for p in tv.parameters())
 
 
+# The generic path (CPU kernels off: XLA's convolutions on the whole batch, as on TPUs and GPUs) at
+# the same tolerances: eval, train mode, float64 gradients.
+def test_eval_parity_generic_path(inputs_nchw, inputs_nhwc, generic_path):
+    test_eval_parity("mobilenet_v3_large", {}, inputs_nchw, inputs_nhwc)
+
+
 def _flat(state) -> dict:
     return {tuple(p): np.asarray(v) for p, v in nnx.to_flat_state(state)}
 
@@ -151,6 +157,11 @@ def test_gradients_float64(name, kwargs, inputs_nchw):
     assert np.max(np.abs(ref["logits"] - got["logits"])) <= TRAIN_TOL * np.max(np.abs(ref["logits"]))
     assert_close_tensors(ref["stats"], got["stats"], TRAIN_TOL, "running stat")
     assert_close_gradients(ref["grads"], got["grads"], GRAD_TOL)
+
+
+def test_train_mode_and_float64_gradients_generic_path(inputs_nchw, generic_path):
+    test_train_mode_float32("mobilenet_v3_large", {}, inputs_nchw)
+    test_gradients_float64("mobilenet_v3_small", {}, inputs_nchw)
 
 
 def test_gradients_float32_match_float64(inputs_nchw):

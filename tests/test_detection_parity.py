@@ -134,6 +134,11 @@ def test_detections(name, kwargs, det_photos):
     assert matched_got >= MATCH_FRACTION * total_got, (matched_got, total_got)
 
 
+def test_detections_generic_path(det_photos, generic_path):
+    """CPU kernels off (XLA's convolutions on the whole batch, as on TPUs and GPUs)."""
+    test_detections("fasterrcnn_mobilenet_v3_large_320_fpn", {}, det_photos)
+
+
 @pytest.mark.parametrize("name,kwargs", CONFIGS)
 def test_round_trip(name, kwargs, det_photos):
     tv, model = calibrated_pair(name, kwargs, det_photos)

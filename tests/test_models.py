@@ -193,16 +193,16 @@ def test_expand_with_border_is_bit_identical(monkeypatch):
     depthwise conv the same numbers as padding the expanded map (224 px: the 112x112 block)."""
     import jax
 
-    from mbv3_jax.models import mobilenetv3
+    from mbv3_jax import backend
 
     model = mbv3_jax.get_model("mobilenet_v3_large")
     model.eval()
-    block = model.features[2]
-    assert block._expands_into_border(jnp.zeros((1, 112, 112, 16)))
-    assert not block._expands_into_border(jnp.zeros((1, 20, 20, 16)))  # border > 5% of the map
+    expand, depthwise, project = model.features[2].block
+    assert backend._border_fits(expand, depthwise, project, jnp.zeros((1, 112, 112, 16)))
+    assert not backend._border_fits(expand, depthwise, project, jnp.zeros((1, 20, 20, 16)))  # > 5%
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 224, 224, 3)), jnp.float32)
     with_border = np.asarray(jax.jit(model.forward)(x))
-    monkeypatch.setattr(mobilenetv3, "_MAX_BORDER_GROWTH", 0.0)
-    assert not block._expands_into_border(jnp.zeros((1, 112, 112, 16)))
+    monkeypatch.setattr(backend, "MAX_BORDER_GROWTH", 0.0)
+    assert not backend._border_fits(expand, depthwise, project, jnp.zeros((1, 112, 112, 16)))
     plain = np.asarray(jax.jit(model.forward)(x))
     np.testing.assert_array_equal(with_border, plain)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mbv3_jax.layers import batch_norm_train, depthwise_conv_shift, dilated_conv_taps, few_channel_conv_taps
+from mbv3_jax import backend
+from mbv3_jax.cpu_kernels import depthwise_conv_shift, dilated_conv_taps, few_channel_conv_taps, own_buffers
+from mbv3_jax.layers import batch_norm_train
 from mbv3_jax.ops import interpolate_bilinear
 
 
@@ -157,9 +159,8 @@ def test_batch_norm_train_vjp_matches_autodiff():
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-12, atol=1e-12)
 
 
-def test_unfused_is_the_function_with_its_gradient():
-    from mbv3_jax.ops.unfused import unfused
-
+@pytest.mark.parametrize("unfused", [own_buffers, backend.unfused], ids=["own_buffers", "backend.unfused"])
+def test_unfused_is_the_function_with_its_gradient(unfused):
     def fn(x, y):
         return jnp.sin(x) * y, x.sum()
 
@@ -178,13 +179,11 @@ def test_unfused_is_the_function_with_its_gradient():
 
 def test_unfused_keeps_its_conditional_for_integer_operands():
     # x == x on an integer probe folds to true and XLA drops the conditional (and the separation).
-    from mbv3_jax.ops.unfused import unfused
-
     def fn(v):
         return (v.astype(jnp.int32) * 3 + 1).astype(jnp.uint8)
 
     v = jnp.arange(24, dtype=jnp.uint8).reshape(4, 6)
-    compiled = jax.jit(lambda a: unfused(fn, a)).lower(v).compile()
+    compiled = jax.jit(lambda a: own_buffers(fn, a)).lower(v).compile()
     np.testing.assert_array_equal(np.asarray(compiled(v)), np.asarray(fn(v)))
     if jax.default_backend() == "cpu":
         assert "conditional(" in compiled.as_text()

@@ -16,6 +16,8 @@ qconfig per engine:
   activations. Running the full-range model on the x86 engine therefore is not integer arithmetic
   (measured here: the stem conv 99.4% identical but up to 34 steps off, logits up to 31 steps),
   while with 7-bit activations FBGEMM is exact and the JAX model matches it bit for bit.
+  On a CPU with AVX512-VNNI torch's x86 engine runs the convs with <= 100 groups through oneDNN
+  instead: the port then takes backend "x86_vnni" (``x86_backend_here``).
 """
 
 import collections
@@ -31,7 +33,7 @@ from torch.ao.quantization import QConfig, get_default_qat_qconfig, get_default_
 from porting import WeightMappingError, load_torchvision, to_torchvision
 from porting.calibration import calibrated_random_weights_
 from porting.mapping import format_path, model_variables
-from porting.torchvision_io import quantized_engine
+from porting.torchvision_io import quantized_engine, x86_backend_here
 
 NAME = "quantized_mobilenet_v3_large"
 CALIBRATION_PHOTOS = slice(0, 4)
@@ -116,7 +118,8 @@ def cases(float_model, inputs_nchw):
             tv = convert_for(float_model, engine, inputs_nchw[CALIBRATION_PHOTOS])
             x = inputs_nchw[PARITY_PHOTOS]
             ref_ops, ref_logits = torch_quantized_outputs(tv, x, engine)
-            model = load_torchvision(NAME, tv.state_dict(), backend=engine)
+            backend = x86_backend_here() if engine == "x86" else engine
+            model = load_torchvision(NAME, tv.state_dict(), backend=backend)
             got = model.quantized_intermediates(np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()))
             built[engine] = dict(
                 engine=engine, tv=tv, model=model, ref_ops=ref_ops, ref_logits=ref_logits, got=got
@@ -186,6 +189,18 @@ def test_compiled_call_returns_dequantized_logits(cases, inputs_nchw):
     last = np.asarray(engine_case["got"][-1][1]).astype(np.int32)
     expected = (last - int(out.zero_point[...])).astype(np.float32) * np.float32(out.scale[...])
     np.testing.assert_array_equal(logits, expected)
+
+
+def test_generic_path_is_bit_identical(cases, inputs_nchw, generic_path):
+    """CPU kernels off (XLA's grouped convolution for the depthwise layers, as on TPUs and GPUs):
+    integer arithmetic is exact either way, so every op's uint8 output equals the CPU path's, which
+    test_every_quantized_op_matches compares with torch."""
+    engine_case = cases("qnnpack")
+    x = np.ascontiguousarray(inputs_nchw[PARITY_PHOTOS].permute(0, 2, 3, 1).numpy())
+    got = engine_case["model"].quantized_intermediates(x)
+    assert [name for name, _ in got] == [name for name, _ in engine_case["got"]]
+    for (name, values), (_, cpu_values) in zip(got, engine_case["got"], strict=True):
+        np.testing.assert_array_equal(np.asarray(values), np.asarray(cpu_values), err_msg=name)
 
 
 def _assert_state_dicts_equal(a, b):

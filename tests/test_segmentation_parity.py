@@ -104,6 +104,11 @@ def test_eval_parity(name, kwargs, preset_batches, odd_batch):
     assert odd.params == sum(p.numel() for p in tv.parameters())
 
 
+def test_eval_parity_generic_path(preset_batches, odd_batch, generic_path):
+    """CPU kernels off (XLA's convolutions on the whole batch, as on TPUs and GPUs)."""
+    test_eval_parity("lraspp_mobilenet_v3_large", {}, preset_batches, odd_batch)
+
+
 def test_torchvision_parameter_counts():
     counts = {
         "lraspp_mobilenet_v3_large": ({}, 3_221_538),

@@ -162,6 +162,11 @@ def test_detections(det_photos):
     assert matched_got >= MATCH_FRACTION * total_got, (matched_got, total_got)
 
 
+def test_detections_generic_path(det_photos, generic_path):
+    """CPU kernels off (XLA's convolutions on the whole batch, as on TPUs and GPUs)."""
+    test_detections(det_photos)
+
+
 def _targets(photos):
     """A fixed target set in each photo's own pixels: a few boxes, and one photo without any."""
     rng = np.random.default_rng(0)

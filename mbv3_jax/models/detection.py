@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mbv3_jax import backend
 from mbv3_jax.layers import Conv2d, DType, Linear, relu
 from mbv3_jax.models.mobilenetv3 import (
     dump_architecture,
@@ -56,7 +57,6 @@ from mbv3_jax.ops.interpolate import interpolate_bilinear
 from mbv3_jax.ops.matcher import BELOW_LOW_THRESHOLD, balanced_sample, match
 from mbv3_jax.ops.roi_align import infer_scale, roi_align
 from mbv3_jax.ops.top_first_nms import batched_nms_top_first
-from mbv3_jax.ops.unfused import unfused
 from mbv3_jax.runtime import List, Model, Module, call_compiled
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -471,10 +471,11 @@ class FasterRCNN(Model):
             raise NotImplementedError(f"FPN maps at different scales {scales}: not this backbone")
         batch_idx = jnp.repeat(jnp.arange(n, dtype=jnp.float32), k)
         rois = jnp.concatenate([batch_idx[:, None], proposals.reshape(-1, 4)], axis=1)
-        # RoIAlign in its own buffer: fused into fc6's operand (the (K, 7*7*C) view), XLA:CPU
-        # recomputed the boxes' decoding and every sample's taps for each of the 12544 pooled values
-        # per RoI (~70 ms of a ~150 ms 320 px image; 31 vs 103 ms for RoIAlign + fc6 alone).
-        pooled = unfused(lambda f, r: roi_align(f, r, (7, 7), scales[0], 2, aligned=False), feats[0], rois)
+        # RoIAlign in its own buffer: fused into fc6's operand, XLA:CPU would recompute every
+        # sample's taps for each of the 12544 pooled values per RoI.
+        pooled = backend.unfused(
+            lambda f, r: roi_align(f, r, (7, 7), scales[0], 2, aligned=False), feats[0], rois
+        )
         class_logits, box_regression = self.roi_heads.box_predictor(self.roi_heads.box_head(pooled))
         return (
             _at_least_f32(class_logits).reshape(n, k, -1),

@@ -67,8 +67,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mbv3_jax import backend
 from mbv3_jax import torch_numerics as tn
-from mbv3_jax.layers import depthwise_conv_shift, pointwise_conv_dot, xla_conv
 from mbv3_jax.models.mobilenetv3 import (
     BlockConfig,
     check_images,
@@ -528,14 +528,8 @@ def hardsigmoid(x: Array) -> Array:
 
 
 def _xla_conv(x: Array, kernel: Array, bias: Array | None, stride: int, padding: int, groups: int) -> Array:
-    kh, kw, cin_g, cout = kernel.shape
-    cpu = jax.default_backend() == "cpu"
-    if cpu and groups == x.shape[-1] == cout and cin_g == 1:
-        y = depthwise_conv_shift(x, kernel, stride, padding, 1)
-    elif cpu and kh == kw == 1 and stride == 1 and padding == 0 and groups == 1:
-        y = pointwise_conv_dot(x, kernel)
-    else:
-        y = xla_conv(x, kernel, stride, padding, groups=groups)
+    # Dense kxk convs stay XLA's on the CPU too: the bit-exact parity mode relies on Eigen's order.
+    y = backend.conv2d(x, kernel, stride=stride, padding=padding, groups=groups, dense_rewrites=False)
     return y if bias is None else y + bias
 
 

@@ -19,6 +19,11 @@ The requantization arithmetic follows one of torch's quantized engines, chosen b
 * ``"x86"`` / ``"fbgemm"`` (FBGEMM kernels): float bias added after the int32 sum as
   ``bias * (1 / (s_in * s_w))``, scaled by ``(s_in * s_w) / s_out``; residual add dequantizes,
   adds in float32 and requantizes; average pooling scaled by ``1 / (1 / ((s_in / s_out) / n))``.
+* ``"x86_vnni"``: torch's x86 engine on a CPU with AVX512-VNNI (Linux), which packs every conv
+  with at most 100 groups and symmetric weights for oneDNN (``should_use_onednn_quant``): those
+  convs follow oneDNN's output stage (``_onednn_requantize``), the rest (depthwise convs with more
+  groups, the linears, add, pooling) FBGEMM's as ``"x86"``.
+  ``porting.torchvision_io.x86_backend_here()`` tells which of the two torch runs on this CPU.
 
 Hardswish, hardsigmoid (fixed output scale 1/256, zero point 0) and the SE multiply compute the
 same function on both engines. Every float32 step is written in torch's operation order; measured
@@ -28,8 +33,7 @@ Limits of the "x86" parity, both torch's: without AVX512-VNNI, FBGEMM multiplies
 vpmaddubsw, whose int16 pair sums saturate on full-range activations, so a model calibrated with
 the qnnpack qconfig (8-bit activations) is not integer arithmetic on the x86 engine (measured: up to
 34 steps off after the stem conv); with 7-bit activations (``reduce_range``, torch's x86 qconfig)
-it is, and this model matches it. On CPUs with AVX512-VNNI torch's x86 engine may run convs through
-oneDNN instead, whose output stage was not compared here.
+it is, and this model matches it. (oneDNN's VNNI kernels accumulate in int32 without saturating.)
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mbv3_jax import torch_numerics as tn
+from mbv3_jax.backend import eval_micro_batches, integer_depthwise_conv, unfused
 from mbv3_jax.models.mobilenetv3 import (
     CPU_EVAL_MICRO_BATCH,
     BlockConfig,
@@ -52,19 +58,19 @@ from mbv3_jax.models.mobilenetv3 import (
     make_divisible,
     mobilenet_v3_config,
 )
-from mbv3_jax.ops.unfused import unfused
 from mbv3_jax.runtime import (
     List,
     Model,
     Module,
     call_compiled,
-    cpu_micro_batch_size,
-    map_micro_batches,
 )
 
 Array = jax.Array
 
-BACKENDS = ("qnnpack", "x86", "fbgemm")
+BACKENDS = ("qnnpack", "x86", "fbgemm", "x86_vnni")
+# torch's x86 engine on an AVX512-VNNI CPU (Linux) packs convs with at most this many groups and
+# symmetric weights for oneDNN instead of FBGEMM (``should_use_onednn_quant``).
+ONEDNN_MAX_GROUPS = 100
 # torch's fixed output quantization of a quint8 hardsigmoid (both engines).
 HARDSIGMOID_SCALE = 1.0 / 256.0
 HARDSIGMOID_ZERO_POINT = 0
@@ -119,6 +125,8 @@ def requantize_accumulator(
 ) -> QArray:
     """int32 conv / linear sums (channels last) -> uint8, as the engine's output stage does."""
     act_times_w = in_scale * weight_scale
+    if backend == "onednn":
+        return _onednn_requantize(acc, bias, in_scale, weight_scale, out_scale, out_zero_point, relu)
     if backend == "qnnpack":
         # QuantizeBias: quantize_per_tensor(bias, s_in * s_w, 0, qint32); requantization scale
         # (s_w * s_in) * (1 / s_out) (generate_requantization_scales); int32 sum * scale, rounded.
@@ -139,39 +147,46 @@ def requantize_accumulator(
     return QArray(_to_uint8(jnp.round(scaled), out_zero_point, low), out_scale, out_zero_point)
 
 
+def _onednn_requantize(
+    acc: Array,
+    bias: Array | None,
+    in_scale: Array,
+    weight_scale: Array,
+    out_scale: Array,
+    out_zero_point: Array,
+    relu: bool,
+) -> QArray:
+    """oneDNN's int8 convolution output stage as torch configures it (ideep): the source scale is
+    ``1 / (1 / s_in)``, the destination multiplier ``1 / (1 / (1 / s_out))`` (torch passes
+    reciprocals, ideep inverts them, oneDNN inverts the destination scale again); the float32 sum
+    times the source scale, times the weight scale, plus the float bias, ReLU, times the destination
+    multiplier, plus the zero point, saturated and rounded half to even. Each product is rounded
+    before the add that follows (no FMA), as oneDNN's kernels compute it."""
+    src_scale = tn.reciprocal(tn.reciprocal(in_scale))
+    dst_multiplier = tn.reciprocal(tn.reciprocal(tn.reciprocal(out_scale)))
+    y = tn.rounded(acc.astype(jnp.float32) * src_scale * weight_scale)
+    if bias is not None:
+        y = y + bias
+    if relu:
+        y = jnp.maximum(y, _f32(0.0))
+    y = tn.rounded(y * dst_multiplier) + out_zero_point.astype(jnp.float32)
+    return QArray(jnp.round(jnp.clip(y, 0.0, 255.0)).astype(jnp.uint8), out_scale, out_zero_point)
+
+
 def integer_conv(x: QArray, kernel: Array, *, stride: int, padding: int, dilation: int, groups: int) -> Array:
     """``sum((x - zp) * w)`` in int32 for an int8 HWIO kernel; padding reads as the zero point.
 
     Dense convs run int8 x int8 -> int32: x - 128 fits int8 exactly, and the difference to x - zp
     is a per-output-channel constant, (128 - zp) * sum(w) (the padded border holds zp too).
-    Depthwise convs are k*k multiply-adds of shifted slices (XLA:CPU's grouped convolution is
-    slow, see mbv3_jax.layers), in float32: each term is at most 255 * 128 in magnitude, so with
-    k*k <= 25 terms every partial sum is an integer below 2**24, exact (and faster than int32).
+    Depthwise convs run in float32 on x - zp (``mbv3_jax.backend.integer_depthwise_conv``): each
+    term is at most 255 * 128 in magnitude, so with k*k <= 25 terms every partial sum is an integer
+    below 2**24, exact in any order.
     """
     values, zp = x.values, x.zero_point
     kh, kw, cin_g, cout = kernel.shape
     if groups > 1 and groups == cout and cin_g == 1:
-        if kh * kw * 255 * 128 >= 2**24:
-            raise ValueError(f"a {kh}x{kw} depthwise kernel is too large for exact float32 sums")
         xc = values.astype(jnp.float32) - zp.astype(jnp.float32)
-        if padding:
-            xc = jnp.pad(xc, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-        n, h, w, c = xc.shape
-        out_h = (h - dilation * (kh - 1) - 1) // stride + 1
-        out_w = (w - dilation * (kw - 1) - 1) // stride + 1
-        w32 = kernel.astype(jnp.float32)
-        acc = None
-        for i in range(kh):
-            for j in range(kw):
-                tap = jax.lax.slice(
-                    xc,
-                    (0, i * dilation, j * dilation, 0),
-                    (n, i * dilation + (out_h - 1) * stride + 1, j * dilation + (out_w - 1) * stride + 1, c),
-                    (1, stride, stride, 1),
-                )
-                term = tap * w32[i, j, 0]
-                acc = term if acc is None else acc + term
-        return acc.astype(jnp.int32)
+        return integer_depthwise_conv(xc, kernel, stride=stride, padding=padding, dilation=dilation)
     # uint8 -> int8 by flipping the top bit: v - 128.
     centered = (values.astype(jnp.int32) - 128).astype(jnp.int8)
     correction = (128 - zp) * jnp.sum(kernel.astype(jnp.int32), axis=(0, 1, 2))
@@ -426,7 +441,7 @@ class QConv2d(Module):
             self.scale[...],
             self.zero_point[...],
             self.relu,
-            backend,
+            "onednn" if backend == "x86_vnni" and self.groups <= ONEDNN_MAX_GROUPS else backend,
         )
         return _record(trace, self.name, y)
 
@@ -590,8 +605,8 @@ class QuantizedMobileNetV3(Model):
     ``model(x)`` takes normalized float NHWC images (as torchvision's preset makes them) and returns
     float32 logits, compiled once per input shape. ``quantized_intermediates(x)`` returns the uint8
     output of every quantized op, named like torch's modules, in execution order.
-    ``backend`` selects whose rounding the requantization follows ("qnnpack" or "x86"; "fbgemm"
-    computes as "x86").
+    ``backend`` selects whose rounding the requantization follows ("qnnpack", "x86" or "x86_vnni";
+    "fbgemm" computes as "x86").
     """
 
     def __init__(
@@ -692,8 +707,7 @@ class QuantizedMobileNetV3(Model):
         """On CPU, run ``fn`` over micro-batches (lax.map) so activations stay in cache, as
         MobileNetV3 does (every op is per sample, so results do not change). Measured here at batch
         32: see benchmarks/bench_quantized.py."""
-        size = cpu_micro_batch_size(self.eval_micro_batch, CPU_EVAL_MICRO_BATCH)
-        return map_micro_batches(fn, x, size)
+        return eval_micro_batches(fn, x, self.eval_micro_batch, CPU_EVAL_MICRO_BATCH)
 
 
 def mobilenet_v3_large(

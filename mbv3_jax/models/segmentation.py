@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mbv3_jax import backend
 from mbv3_jax.layers import Conv2d, ConvNormActivation, DType
 from mbv3_jax.models.mobilenetv3 import (
     check_images,
@@ -30,16 +31,7 @@ from mbv3_jax.models.mobilenetv3 import (
     stage_indices,
 )
 from mbv3_jax.ops import interpolate_bilinear
-from mbv3_jax.runtime import (
-    Dropout,
-    List,
-    Model,
-    Module,
-    call_compiled,
-    cpu_micro_batch_size,
-    is_frozen,
-    map_micro_batches,
-)
+from mbv3_jax.runtime import Dropout, List, Model, Module, call_compiled, is_frozen
 
 # torch.nn.BatchNorm2d defaults, which torchvision's segmentation heads use.
 HEAD_BN = dict(bn_eps=1e-5, bn_momentum=0.1)
@@ -167,12 +159,11 @@ class SegmentationModel(Model):
         return {k: interpolate_bilinear(v, size) for k, v in heads.items()}
 
     def _in_micro_batches(self, fn, x: jax.Array):
-        """Eval on CPU: one image at a time (lax.map). A 520 px image's activations (up to 23 MB
-        each) already fill most of the 32 MB L3; a batch of 8 spills to memory. Only when every
-        BatchNorm uses running statistics and dropout is off: the same function per image (to
-        rounding: a whole-batch matmul is blocked differently)."""
-        size = cpu_micro_batch_size(self.eval_micro_batch, CPU_SEGMENTATION_MICRO_BATCH)
-        return map_micro_batches(fn, x, size if is_frozen(self) else 0)
+        """Eval on the CPU: one image at a time (a 520 px image's activations nearly fill the L3).
+        Only when every BatchNorm uses running statistics and dropout is off: the same function
+        per image (to rounding: a whole-batch matmul is blocked differently)."""
+        requested = self.eval_micro_batch if is_frozen(self) else 0
+        return backend.eval_micro_batches(fn, x, requested, CPU_SEGMENTATION_MICRO_BATCH)
 
     def _heads(self, low: jax.Array, high: jax.Array) -> dict[str, jax.Array]:
         raise NotImplementedError

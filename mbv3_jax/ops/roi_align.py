@@ -136,7 +136,7 @@ def _roi_align_flat(
         # The rows and weights are per bin, not per channel. XLA:CPU expands this barrier before
         # fusion and recomputes them per channel in the gather loop; alone that costs ~1 ms for 150
         # RoIs. Fused into a matmul's operand it cost ~70 ms: callers wrap roi_align in
-        # mbv3_jax.ops.unfused there (FasterRCNN._box_head).
+        # mbv3_jax.backend.unfused there (FasterRCNN._box_head).
         params = jax.lax.optimization_barrier(
             [sample_taps(iy, ix) for iy in range(sampling_ratio) for ix in range(sampling_ratio)]
         )
