@@ -166,17 +166,8 @@ def integer_depthwise_conv(
     w32 = kernel.astype(jnp.float32)
 
     def generic(x: Array, k: Array) -> Array:
-        y = jax.lax.conv_general_dilated(
-            x,
-            k,
-            window_strides=(stride, stride),
-            padding=((padding, padding), (padding, padding)),
-            rhs_dilation=(dilation, dilation),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=x.shape[-1],
-            precision=jax.lax.Precision.HIGHEST,
-        )
-        return y.astype(jnp.int32)
+        groups = x.shape[-1]
+        return xla_conv(x, k, stride, padding, dilation, groups, jax.lax.Precision.HIGHEST).astype(jnp.int32)
 
     def cpu(x: Array, k: Array) -> Array:
         return kernels.depthwise_shift_forward(x, k, stride, padding, dilation).astype(jnp.int32)

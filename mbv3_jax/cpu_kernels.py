@@ -2,8 +2,7 @@
 
 Each computes the same function as XLA's convolution (``mbv3_jax.ops.conv.xla_conv``); only the
 summation order differs, at rounding level. ``mbv3_jax.backend`` decides where they are used (in
-programs lowered for the CPU); nothing else should call them. Why each exists, with measurements:
-docs/performance.md.
+programs lowered for the CPU); nothing else should call them.
 
 * depthwise convolutions as k*k shifted multiply-adds, with hand-written input and kernel gradients;
 * 1x1 stride-1 convolutions as a matmul on a (N*H*W, C) view;
