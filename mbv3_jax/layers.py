@@ -413,3 +413,11 @@ class Sequential(List):
 
     def __call__(self, x: Array) -> Array:
         return backend.run_sequential(list(self), x)
+
+
+class FloatFunctional(Module):
+    """torch's ``FloatFunctional`` of a float model: ``add`` is ``x + y`` (the QAT and int8 models
+    observe or requantize the sum at the same place)."""
+
+    def add(self, x: Array, y: Array) -> Array:
+        return x + y

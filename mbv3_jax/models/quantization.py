@@ -38,9 +38,11 @@ it is, and this model matches it. (oneDNN's VNNI kernels accumulate in int32 wit
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -50,20 +52,17 @@ from flax import nnx
 
 from mbv3_jax import torch_numerics as tn
 from mbv3_jax.backend import eval_micro_batches, integer_depthwise_conv, unfused
-from mbv3_jax.models.mobilenetv3 import (
-    CPU_EVAL_MICRO_BATCH,
+from mbv3_jax.models.backbone import (
     BlockConfig,
+    Chain,
+    InvertedResidual,
+    build_features,
     check_images,
     features_out_channels,
-    make_divisible,
     mobilenet_v3_config,
 )
-from mbv3_jax.runtime import (
-    List,
-    Model,
-    Module,
-    call_compiled,
-)
+from mbv3_jax.models.mobilenetv3 import CPU_EVAL_MICRO_BATCH
+from mbv3_jax.runtime import Model, Module, call_compiled
 
 Array = jax.Array
 
@@ -340,7 +339,8 @@ def global_average_pool(x: QArray, backend: str) -> QArray:
 
 # ------------------------------------------------------------------------------------------------
 # Modules. Variables: int8 kernels (HWIO / (in, out)), float32 bias and per-tensor weight scale as
-# parameters; each op's output scale / zero point as BatchStat (they are buffers in torch).
+# parameters; each op's output scale / zero point as BatchStat (they are buffers in torch). The
+# engine whose rounding an op follows is fixed when the model is built.
 
 
 # Variables are made on the host: jnp.zeros would compile one small program per shape.
@@ -352,7 +352,23 @@ def _zeros(shape: tuple[int, ...], dtype: Any) -> Array:
     return jnp.asarray(np.zeros(shape, dtype=np.dtype(dtype)))
 
 
-def _record(trace: list | None, name: str, y: QArray) -> QArray:
+# The list ``quantized_intermediates`` collects (name, uint8 values) into while a forward pass is
+# traced; None otherwise.
+_RECORDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("mbv3_int8_trace", default=None)
+
+
+@contextlib.contextmanager
+def _recording() -> Iterator[list]:
+    trace: list = []
+    token = _RECORDING.set(trace)
+    try:
+        yield trace
+    finally:
+        _RECORDING.reset(token)
+
+
+def _record(name: str, y: QArray) -> QArray:
+    trace = _RECORDING.get()
     if trace is not None:
         trace.append((name, y.values))
     return y
@@ -366,8 +382,8 @@ class QuantStub(Module):
         self.scale = nnx.BatchStat(_scalar(1.0, np.float32))
         self.zero_point = nnx.BatchStat(_scalar(0, np.int32))
 
-    def __call__(self, x: Array, trace: list | None = None) -> QArray:
-        return _record(trace, self.name, quantize(x, self.scale[...], self.zero_point[...]))
+    def __call__(self, x: Array) -> QArray:
+        return _record(self.name, quantize(x, self.scale[...], self.zero_point[...]))
 
 
 class OutputQParams(Module):
@@ -388,8 +404,19 @@ class QHardswish(OutputQParams):
     def op_names(self) -> list[str]:
         return [self.name]
 
-    def __call__(self, x: QArray, trace: list | None = None) -> QArray:
-        return _record(trace, self.name, hardswish(x, *self.qparams()))
+    def __call__(self, x: QArray) -> QArray:
+        return _record(self.name, hardswish(x, *self.qparams()))
+
+
+class QFloatFunctional(OutputQParams):
+    """torch.ao.nn.quantized.QFunctional: ``skip_add`` (the residual, in ``backend``'s arithmetic)."""
+
+    def __init__(self, name: str, backend: str):
+        super().__init__(name)
+        self.backend = backend
+
+    def add(self, x: QArray, y: QArray) -> QArray:
+        return _record(self.name, add(x, y, *self.qparams(), self.backend))
 
 
 class QConv2d(Module):
@@ -406,6 +433,7 @@ class QConv2d(Module):
         dilation: int = 1,
         groups: int = 1,
         relu: bool = False,
+        backend: str,
         name: str,
     ):
         if in_channels % groups or out_channels % groups:
@@ -414,6 +442,7 @@ class QConv2d(Module):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.groups, self.relu = groups, relu
+        self.requantization = "onednn" if backend == "x86_vnni" and groups <= ONEDNN_MAX_GROUPS else backend
         shape = (kernel_size, kernel_size, in_channels // groups, out_channels)
         self.kernel = nnx.Param(_zeros(shape, np.int8))
         self.weight_scale = nnx.Param(_scalar(1.0, np.float32))
@@ -424,7 +453,7 @@ class QConv2d(Module):
     def op_names(self) -> list[str]:
         return [self.name]
 
-    def __call__(self, x: QArray, backend: str, trace: list | None = None) -> QArray:
+    def __call__(self, x: QArray) -> QArray:
         acc = integer_conv(
             x,
             self.kernel[...],
@@ -441,17 +470,17 @@ class QConv2d(Module):
             self.scale[...],
             self.zero_point[...],
             self.relu,
-            "onednn" if backend == "x86_vnni" and self.groups <= ONEDNN_MAX_GROUPS else backend,
+            self.requantization,
         )
-        return _record(trace, self.name, y)
+        return _record(self.name, y)
 
 
 class QLinear(Module):
     """torch.ao.nn.quantized.Linear: int8 (in, out) kernel, float32 bias."""
 
-    def __init__(self, in_features: int, out_features: int, *, name: str):
+    def __init__(self, in_features: int, out_features: int, *, backend: str, name: str):
         self.name = name
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
         self.kernel = nnx.Param(_zeros((in_features, out_features), np.int8))
         self.weight_scale = nnx.Param(_scalar(1.0, np.float32))
         self.bias = nnx.Param(_zeros((out_features,), np.float32))
@@ -461,7 +490,7 @@ class QLinear(Module):
     def op_names(self) -> list[str]:
         return [self.name]
 
-    def __call__(self, x: QArray, backend: str, trace: list | None = None) -> QArray:
+    def __call__(self, x: QArray) -> QArray:
         acc = integer_linear(x, self.kernel[...])
         y = requantize_accumulator(
             acc,
@@ -471,9 +500,9 @@ class QLinear(Module):
             self.scale[...],
             self.zero_point[...],
             False,
-            backend,
+            self.backend,
         )
-        return _record(trace, self.name, y)
+        return _record(self.name, y)
 
 
 class QConvNormActivation(Module):
@@ -490,6 +519,7 @@ class QConvNormActivation(Module):
         dilation: int = 1,
         groups: int = 1,
         activation: str | None,
+        backend: str,
         name: str,
     ):
         if activation not in (None, "relu", "hardswish"):
@@ -503,6 +533,7 @@ class QConvNormActivation(Module):
             dilation=dilation,
             groups=groups,
             relu=activation == "relu",
+            backend=backend,
             name=f"{name}.0",
         )
         self.act = QHardswish(f"{name}.2") if activation == "hardswish" else None
@@ -510,93 +541,67 @@ class QConvNormActivation(Module):
     def op_names(self) -> list[str]:
         return self.conv.op_names() + ([] if self.act is None else self.act.op_names())
 
-    def __call__(self, x: QArray, backend: str, trace: list | None = None) -> QArray:
-        if trace is None and (self.act is not None or self.conv.groups > 1):
+    def __call__(self, x: QArray) -> QArray:
+        if _RECORDING.get() is None and (self.act is not None or self.conv.groups > 1):
             # Into its own buffer: the output of a depthwise conv or a hardswish feeds a depthwise
-            # conv's taps or both SE pooling and the SE multiply, and fused into those consumers,
-            # XLA:CPU recomputes the conv for each (batch 32, with the per-element hardswish: ~650 ->
-            # ~335 ms in a profile run).
-            return unfused(lambda q: self._forward(q, backend, None), x)
-        return self._forward(x, backend, trace)
+            # conv's taps or both SE pooling and the SE multiply, and fused into those consumers
+            # XLA:CPU recomputes the conv for each.
+            return unfused(self._forward, x)
+        return self._forward(x)
 
-    def _forward(self, x: QArray, backend: str, trace: list | None) -> QArray:
-        y = self.conv(x, backend, trace)
-        return y if self.act is None else self.act(y, trace)
+    def _forward(self, x: QArray) -> QArray:
+        y = self.conv(x)
+        return y if self.act is None else self.act(y)
 
 
 class QSqueezeExcitation(Module):
     """QuantizableSqueezeExcitation after convert: avgpool, fc1 (ConvReLU2d), fc2, hardsigmoid,
     ``skip_mul.mul(scale, input)``."""
 
-    def __init__(self, channels: int, squeeze_channels: int, *, name: str):
-        self.name = name
-        self.fc1 = QConv2d(channels, squeeze_channels, 1, relu=True, name=f"{name}.fc1")
-        self.fc2 = QConv2d(squeeze_channels, channels, 1, name=f"{name}.fc2")
+    def __init__(self, channels: int, squeeze_channels: int, *, backend: str, name: str):
+        self.name, self.backend = name, backend
+        self.fc1 = QConv2d(channels, squeeze_channels, 1, relu=True, backend=backend, name=f"{name}.fc1")
+        self.fc2 = QConv2d(squeeze_channels, channels, 1, backend=backend, name=f"{name}.fc2")
         self.skip_mul = OutputQParams(f"{name}.skip_mul")
 
     def op_names(self) -> list[str]:
         n = self.name
         return [f"{n}.avgpool", f"{n}.fc1", f"{n}.fc2", f"{n}.scale_activation", f"{n}.skip_mul"]
 
-    def __call__(self, x: QArray, backend: str, trace: list | None = None) -> QArray:
-        s = _record(trace, f"{self.name}.avgpool", global_average_pool(x, backend))
-        s = self.fc2(self.fc1(s, backend, trace), backend, trace)
-        s = _record(trace, f"{self.name}.scale_activation", hardsigmoid(s))
-        return _record(trace, self.skip_mul.name, multiply(s, x, *self.skip_mul.qparams()))
+    def __call__(self, x: QArray) -> QArray:
+        s = _record(f"{self.name}.avgpool", global_average_pool(x, self.backend))
+        s = self.fc2(self.fc1(s))
+        s = _record(f"{self.name}.scale_activation", hardsigmoid(s))
+        return _record(self.skip_mul.name, multiply(s, x, *self.skip_mul.qparams()))
 
 
-class QInvertedResidual(Module):
-    """QuantizableInvertedResidual after convert; the residual is ``skip_add.add(x, block(x))``."""
+@dataclasses.dataclass(frozen=True)
+class QuantizedLayers:
+    """The int8 model's layers for ``backbone.build_features``, requantizing as ``backend``."""
 
-    def __init__(self, cfg: BlockConfig, *, name: str):
-        self.use_res_connect = cfg.stride == 1 and cfg.input_channels == cfg.out_channels
-        act = "hardswish" if cfg.use_hs else "relu"
-        layers: list[nnx.Module] = []
+    backend: str
 
-        def prefix() -> str:
-            return f"{name}.block.{len(layers)}"
+    def conv_norm_activation(self, *args: Any, **kwargs: Any) -> QConvNormActivation:
+        return QConvNormActivation(*args, **kwargs, backend=self.backend)
 
-        if cfg.expanded_channels != cfg.input_channels:
-            layers.append(
-                QConvNormActivation(
-                    cfg.input_channels, cfg.expanded_channels, 1, activation=act, name=prefix()
-                )
-            )
-        stride = 1 if cfg.dilation > 1 else cfg.stride
-        layers.append(
-            QConvNormActivation(
-                cfg.expanded_channels,
-                cfg.expanded_channels,
-                cfg.kernel,
-                stride=stride,
-                dilation=cfg.dilation,
-                groups=cfg.expanded_channels,
-                activation=act,
-                name=prefix(),
-            )
-        )
-        if cfg.use_se:
-            squeeze = make_divisible(cfg.expanded_channels // 4, 8)
-            layers.append(QSqueezeExcitation(cfg.expanded_channels, squeeze, name=prefix()))
-        layers.append(
-            QConvNormActivation(cfg.expanded_channels, cfg.out_channels, 1, activation=None, name=prefix())
-        )
-        self.block = List(layers)
-        # torchvision gives every block a skip_add (FloatFunctional); without a residual it is never
-        # called and keeps default qparams, but its buffers are in the state_dict all the same.
-        self.skip_add = OutputQParams(f"{name}.skip_add")
+    def squeeze_excitation(self, channels: int, squeeze_channels: int, *, name: str) -> QSqueezeExcitation:
+        return QSqueezeExcitation(channels, squeeze_channels, backend=self.backend, name=name)
 
-    def op_names(self) -> list[str]:
-        names = [name for layer in self.block for name in layer.op_names()]
-        return names + ([self.skip_add.name] if self.use_res_connect else [])
+    def sequential(self, layers: list[nnx.Module]) -> Chain:
+        return Chain(layers)
 
-    def __call__(self, x: QArray, backend: str, trace: list | None = None) -> QArray:
-        y = x
-        for layer in self.block:
-            y = layer(y, backend, trace)
-        if not self.use_res_connect:
-            return y
-        return _record(trace, self.skip_add.name, add(x, y, *self.skip_add.qparams(), backend))
+    def skip_add(self, name: str) -> QFloatFunctional:
+        # Every block has one, as in torchvision: without a residual it is never called and keeps
+        # default qparams, but its buffers are in the state_dict all the same.
+        return QFloatFunctional(name, self.backend)
+
+
+def _layer_op_names(layer: nnx.Module) -> list[str]:
+    """torch names of the ops a ``features`` layer records, in execution order."""
+    if isinstance(layer, InvertedResidual):
+        names = [name for sub in layer.block for name in sub.op_names()]
+        return names + ([layer.skip_add.name] if layer.use_res_connect else [])
+    return layer.op_names()
 
 
 class QuantizedMobileNetV3(Model):
@@ -606,7 +611,7 @@ class QuantizedMobileNetV3(Model):
     float32 logits, compiled once per input shape. ``quantized_intermediates(x)`` returns the uint8
     output of every quantized op, named like torch's modules, in execution order.
     ``backend`` selects whose rounding the requantization follows ("qnnpack", "x86" or "x86_vnni";
-    "fbgemm" computes as "x86").
+    "fbgemm" computes as "x86"); it is fixed when the model is built.
     """
 
     def __init__(
@@ -629,23 +634,11 @@ class QuantizedMobileNetV3(Model):
         # None: CPU_EVAL_MICRO_BATCH on CPU, the whole batch elsewhere; 0: always the whole batch.
         self.eval_micro_batch = eval_micro_batch
         self.quant = QuantStub()
-        layers: list[nnx.Module] = [
-            QConvNormActivation(
-                3, table[0].input_channels, 3, stride=2, activation="hardswish", name="features.0"
-            )
-        ]
-        for cfg in table:
-            layers.append(QInvertedResidual(cfg, name=f"features.{len(layers)}"))
+        self.features = build_features(table, QuantizedLayers(backend))
         last_out = features_out_channels(table)
-        layers.append(
-            QConvNormActivation(
-                table[-1].out_channels, last_out, 1, activation="hardswish", name=f"features.{len(layers)}"
-            )
-        )
-        self.features = List(layers)
-        self.classifier_hidden = QLinear(last_out, last_channel, name="classifier.0")
+        self.classifier_hidden = QLinear(last_out, last_channel, backend=backend, name="classifier.0")
         self.classifier_act = QHardswish("classifier.1")
-        self.classifier_out = QLinear(last_channel, num_classes, name="classifier.3")
+        self.classifier_out = QLinear(last_channel, num_classes, backend=backend, name="classifier.3")
         if architecture is None:
             architecture = {
                 "builder": "QuantizedMobileNetV3",
@@ -660,7 +653,7 @@ class QuantizedMobileNetV3(Model):
 
     def op_names(self) -> list[str]:
         """torch module names of the ops ``quantized_intermediates`` returns, in execution order."""
-        names = [self.quant.name, *(name for layer in self.features for name in layer.op_names())]
+        names = [self.quant.name, *(name for layer in self.features for name in _layer_op_names(layer))]
         names.append("avgpool")
         for layer in (self.classifier_hidden, self.classifier_act, self.classifier_out):
             names += layer.op_names()
@@ -679,34 +672,31 @@ class QuantizedMobileNetV3(Model):
 
     # -- traceable implementations ----------------------------------------------------------------
 
-    def _run(self, x: Array, trace: list | None) -> QArray:
-        backend = self.backend
-        q = self.quant(x, trace)
+    def _run(self, x: Array) -> QArray:
+        q = self.quant(x)
         for layer in self.features:
-            q = layer(q, backend, trace)
-        q = _record(trace, "avgpool", global_average_pool(q, backend))
+            q = layer(q)
+        q = _record("avgpool", global_average_pool(q, self.backend))
         q = QArray(q.values.reshape(q.values.shape[0], -1), q.scale, q.zero_point)
-        q = self.classifier_hidden(q, backend, trace)
-        q = self.classifier_act(q, trace)
+        q = self.classifier_act(self.classifier_hidden(q))
         # classifier.2 is Dropout: the identity at inference.
-        return self.classifier_out(q, backend, trace)
+        return self.classifier_out(q)
 
     def forward(self, x: Array) -> Array:
         # DeQuantStub.
-        return self._in_micro_batches(lambda xb: self._run(xb, None).dequantize(), x)
+        return self._in_micro_batches(lambda xb: self._run(xb).dequantize(), x)
 
     def forward_intermediates(self, x: Array) -> list[Array]:
         def run(xb: Array) -> list[Array]:
-            trace: list = []
-            self._run(xb, trace)
+            with _recording() as trace:
+                self._run(xb)
             return [values for _, values in trace]
 
         return self._in_micro_batches(run, x)
 
     def _in_micro_batches(self, fn, x: Array):
         """On CPU, run ``fn`` over micro-batches (lax.map) so activations stay in cache, as
-        MobileNetV3 does (every op is per sample, so results do not change). Measured here at batch
-        32: see benchmarks/bench_quantized.py."""
+        MobileNetV3 does (every op is per sample, so results do not change)."""
         return eval_micro_batches(fn, x, self.eval_micro_batch, CPU_EVAL_MICRO_BATCH)
 
 
