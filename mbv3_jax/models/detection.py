@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import jax
@@ -37,6 +36,20 @@ from flax import nnx
 
 from mbv3_jax import backend
 from mbv3_jax.layers import Conv2d, DType, Linear, relu
+from mbv3_jax.models.detection_utils import (
+    BOX_CODER_WEIGHTS,
+    check_builder_options,
+    cross_entropy,
+    gather_kept,
+    is_training,
+    norm_options,
+    normalize_and_resize_images,
+    pad_targets,
+    reject_weights,
+    resized_targets,
+    smooth_l1,
+    unpad_detections,
+)
 from mbv3_jax.models.mobilenetv3 import (
     dump_architecture,
     features_out_channels,
@@ -53,7 +66,6 @@ from mbv3_jax.ops.boxes import (
     clip_boxes_to_image,
     remove_small_boxes_mask,
 )
-from mbv3_jax.ops.interpolate import interpolate_bilinear
 from mbv3_jax.ops.matcher import BELOW_LOW_THRESHOLD, balanced_sample, match
 from mbv3_jax.ops.roi_align import infer_scale, roi_align
 from mbv3_jax.ops.top_first_nms import batched_nms_top_first
@@ -201,27 +213,6 @@ def resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int
     return int(math.floor(h * scale)), int(math.floor(w * scale))
 
 
-@partial(jax.jit, static_argnames=("size", "mean", "std"))
-def _normalize_and_resize(image: jax.Array, size: tuple[int, int], mean, std) -> jax.Array:
-    x = (image.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-    return interpolate_bilinear(x[None], size)[0]
-
-
-def _check_image_list(images: Any) -> list[Any]:
-    if hasattr(images, "ndim") and images.ndim == 3:
-        raise TypeError("expected a list of HWC images, got a single array: wrap it in a list")
-    images = list(images)
-    if not images:
-        raise ValueError("expected at least one image")
-    for i, img in enumerate(images):
-        shape = getattr(img, "shape", None)
-        if shape is None or len(shape) != 3 or shape[-1] != 3:
-            raise ValueError(f"image {i}: expected an HWC float array with 3 channels, got shape {shape}")
-        if not jnp.issubdtype(img.dtype, jnp.floating):
-            raise TypeError(f"image {i}: expected float pixels in [0, 1], got dtype {img.dtype}")
-    return images
-
-
 # ------------------------------------------------------------------------------------------------
 # The model
 
@@ -246,7 +237,8 @@ class FasterRCNN(Model):
     ):
         self.config = config
         table, _ = mobilenet_v3_config("mobilenet_v3_large", 1.0, False, False)
-        norm = dict(bn_eps=1e-5, bn_momentum=0.1, norm="frozen" if frozen_batchnorm else "batch")
+        # torch's class defaults (eps 1e-5, momentum 0.1) for either norm layer.
+        norm = norm_options({"norm": "frozen" if frozen_batchnorm else "batch"})
         body = mobilenet_v3_features(table, dtype=dtype, param_dtype=param_dtype, rngs=rngs, norm=norm)
         stages = stage_indices(table)
         self._stage_indices = tuple(stages)
@@ -273,15 +265,10 @@ class FasterRCNN(Model):
 
     def preprocess(self, images: Sequence[Any]) -> tuple[jax.Array, np.ndarray, list[tuple[int, int]]]:
         """(padded normalized NHWC batch, resized (h, w) per image, original (h, w) per image)."""
-        images = _check_image_list(images)
         cfg = self.config
-        resized, sizes, originals = [], [], []
-        for img in images:
-            h, w = int(img.shape[0]), int(img.shape[1])
-            size = resized_size(h, w, cfg.min_size, cfg.max_size)
-            resized.append(_normalize_and_resize(jnp.asarray(img), size, cfg.image_mean, cfg.image_std))
-            sizes.append(size)
-            originals.append((h, w))
+        resized, sizes, originals = normalize_and_resize_images(
+            images, cfg.image_mean, cfg.image_std, lambda h, w: resized_size(h, w, cfg.min_size, cfg.max_size)
+        )
         pad_h = int(math.ceil(max(s[0] for s in sizes) / SIZE_DIVISIBLE) * SIZE_DIVISIBLE)
         pad_w = int(math.ceil(max(s[1] for s in sizes) / SIZE_DIVISIBLE) * SIZE_DIVISIBLE)
         batch = jnp.stack(
@@ -302,7 +289,7 @@ class FasterRCNN(Model):
         ``key`` seeds the train-mode samplers; without it each call draws a new one from the
         model's seed. For gradients, use :meth:`training_batch` and :meth:`forward_train`.
         """
-        if self._training():
+        if is_training(self):
             if targets is None:
                 raise ValueError(
                     "in train mode targets should be passed (or call model.eval() for detections)"
@@ -312,23 +299,7 @@ class FasterRCNN(Model):
                 key = self._sampler.next_key()
             return call_compiled(self, "forward_train", *inputs, key, static_args=(max_hw,))
         batch, sizes, originals = self.preprocess(images)
-        out = self.detect_batch(batch, sizes)
-        results = []
-        for i, (orig, size) in enumerate(zip(originals, sizes, strict=True)):
-            n = int(out["num_detections"][i])
-            boxes = np.asarray(out["boxes"][i, :n])
-            # torchvision's resize_boxes: ratios original / resized in float32.
-            ratio_h = np.float32(orig[0]) / np.float32(size[0])
-            ratio_w = np.float32(orig[1]) / np.float32(size[1])
-            boxes = boxes * np.array([ratio_w, ratio_h, ratio_w, ratio_h], np.float32)
-            results.append(
-                {
-                    "boxes": boxes,
-                    "scores": np.asarray(out["scores"][i, :n]),
-                    "labels": np.asarray(out["labels"][i, :n]),
-                }
-            )
-        return results
+        return unpad_detections(self.detect_batch(batch, sizes), sizes, originals)
 
     def detect_batch(self, batch: jax.Array, image_sizes: np.ndarray) -> dict[str, jax.Array]:
         """Fixed-size detections for a preprocessed batch (compiled per padded shape)."""
@@ -350,23 +321,10 @@ class FasterRCNN(Model):
         ground truth is padded to a power of two per image so few programs get compiled.
         """
         batch, sizes, originals = self.preprocess(images)
-        targets = list(targets)
-        if len(targets) != len(originals):
-            raise ValueError(f"got {len(originals)} images but {len(targets)} targets")
-        boxes_list, labels_list = [], []
-        for i, (target, orig, size) in enumerate(zip(targets, originals, sizes, strict=True)):
-            boxes, labels = _check_target(i, target, self.num_classes)
-            ratio_h = np.float32(size[0]) / np.float32(orig[0])
-            ratio_w = np.float32(size[1]) / np.float32(orig[1])
-            boxes_list.append(boxes * np.array([ratio_w, ratio_h, ratio_w, ratio_h], np.float32))
-            labels_list.append(labels)
-        g = max(1, max(len(b) for b in boxes_list))
-        g = 1 << (g - 1).bit_length()
-        gt_boxes = np.zeros((len(targets), g, 4), np.float32)
-        gt_labels = np.zeros((len(targets), g), np.int32)
-        gt_valid = np.zeros((len(targets), g), bool)
-        for i, (b, lab) in enumerate(zip(boxes_list, labels_list, strict=True)):
-            gt_boxes[i, : len(b)], gt_labels[i, : len(b)], gt_valid[i, : len(b)] = b, lab, True
+        boxes_list, labels_list = resized_targets(targets, originals, sizes, self.num_classes)
+        gt_boxes, gt_labels, gt_valid = pad_targets(
+            boxes_list, labels_list, min_slots=1, pad_box=(0.0, 0.0, 0.0, 0.0)
+        )
         max_hw = (int(np.max(sizes[:, 0])), int(np.max(sizes[:, 1])))
         inputs = (
             batch,
@@ -413,7 +371,7 @@ class FasterRCNN(Model):
         objectness, deltas = jax.lax.stop_gradient(objectness), jax.lax.stop_gradient(deltas)
         coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         proposals = jax.vmap(lambda d: coder.decode_single(d, anchors))(deltas)
-        training = self._training()
+        training = is_training(self)
         pre_n = cfg.rpn_pre_nms_top_n_train if training else cfg.rpn_pre_nms_top_n_test
         post_n = cfg.rpn_post_nms_top_n_train if training else cfg.rpn_post_nms_top_n_test
 
@@ -435,10 +393,7 @@ class FasterRCNN(Model):
             boxes = clip_boxes_to_image(boxes, size)
             valid = remove_small_boxes_mask(boxes, 1e-3) & (scores >= cfg.rpn_score_thresh)
             keep, count = batched_nms_padded(boxes, scores, levels, valid, cfg.rpn_nms_thresh, post_n)
-            safe = jnp.maximum(keep, 0)
-            ok = jnp.arange(post_n) < count
-            kept_boxes = jnp.where(ok[:, None], boxes[safe], 0.0)
-            return boxes, valid, kept_boxes, jnp.where(ok, scores[safe], 0.0), count
+            return boxes, valid, *gather_kept(keep, count, boxes, scores), count
 
         clipped, valid, kept_boxes, kept_scores, counts = jax.vmap(filter_one)(
             cand_boxes, cand_scores, image_sizes
@@ -451,11 +406,6 @@ class FasterRCNN(Model):
             proposal_scores=kept_scores,
             num_proposals=counts,
         )
-
-    def _training(self) -> bool:
-        # nnx's train()/eval() set ``deterministic`` on every module that has it: here it selects
-        # torchvision's train-mode behaviour (losses, train top-n, random sampling).
-        return not self.deterministic
 
     def forward_rpn(self, batch: jax.Array, image_sizes: jax.Array) -> dict[str, jax.Array]:
         feats = self.backbone(batch)
@@ -489,7 +439,7 @@ class FasterRCNN(Model):
         proposals, counts = rpn["proposals"], rpn["num_proposals"]
         k = proposals.shape[1]
         class_logits, box_regression = self._box_head(feats, proposals, max_hw)
-        coder = BoxCoder(cfg.bbox_reg_weights or (10.0, 10.0, 5.0, 5.0))
+        coder = BoxCoder(cfg.bbox_reg_weights or BOX_CODER_WEIGHTS)
         num_classes = class_logits.shape[-1]
         det_n = cfg.box_detections_per_img
 
@@ -516,14 +466,7 @@ class FasterRCNN(Model):
             # NMS decided on the best-scored ones first (same result as on all of them).
             b, s, lab, ok = args
             keep, kept = batched_nms_top_first(b, s, lab, ok, cfg.box_nms_thresh, det_n)
-            safe = jnp.maximum(keep, 0)
-            shown = jnp.arange(det_n) < kept
-            return (
-                jnp.where(shown[:, None], b[safe], 0.0),
-                jnp.where(shown, s[safe], 0.0),
-                jnp.where(shown, lab[safe], 0),
-                kept,
-            )
+            return *gather_kept(keep, kept, b, s, lab), kept
 
         # lax.map, not vmap: each image falls back to the full NMS only when it needs to.
         boxes, scores, labels, num = jax.lax.map(nms_one, (boxes, scores, labels, valid))
@@ -571,7 +514,7 @@ class FasterRCNN(Model):
         rpn_sampled = jnp.maximum(jnp.sum(rpn_pos) + jnp.sum(rpn_neg), 1)
         bce = _bce_with_logits(objectness, rpn_pos.astype(objectness.dtype))
         loss_objectness = jnp.sum(jnp.where(rpn_pos | rpn_neg, bce, 0.0)) / rpn_sampled
-        rpn_l1 = _smooth_l1(deltas - rpn_reg_targets, 1.0 / 9.0).sum(-1)
+        rpn_l1 = smooth_l1(deltas - rpn_reg_targets, 1.0 / 9.0).sum(-1)
         loss_rpn_box_reg = jnp.sum(jnp.where(rpn_pos, rpn_l1, 0.0)) / rpn_sampled
 
         # RoI heads: proposals plus the ground truth boxes (select_training_samples).
@@ -586,7 +529,7 @@ class FasterRCNN(Model):
             matched = match(quality, valid, cfg.box_fg_iou_thresh, cfg.box_bg_iou_thresh, False, ok)
             safe = jnp.maximum(matched, 0)
             cls = jnp.where(matched >= 0, labels[safe], 0)
-            coder = BoxCoder(cfg.bbox_reg_weights or (10.0, 10.0, 5.0, 5.0))
+            coder = BoxCoder(cfg.bbox_reg_weights or BOX_CODER_WEIGHTS)
             targets = coder.encode(boxes[safe], props)
             pos, neg = balanced_sample(
                 ok & (matched >= 0) & (cls >= 1),
@@ -603,10 +546,10 @@ class FasterRCNN(Model):
         # Only sampled boxes matter; the others are pooled too (static shapes) and masked out.
         class_logits, box_regression = self._box_head(feats, jax.lax.stop_gradient(proposals), max_hw)
         roi_sampled = jnp.maximum(jnp.sum(roi_pos) + jnp.sum(roi_neg), 1)
-        ce = -jnp.take_along_axis(jax.nn.log_softmax(class_logits, axis=-1), cls[..., None], axis=-1)[..., 0]
+        ce = cross_entropy(class_logits, cls)
         loss_classifier = jnp.sum(jnp.where(roi_pos | roi_neg, ce, 0.0)) / roi_sampled
         per_class = jnp.take_along_axis(box_regression, cls[..., None, None], axis=2)[:, :, 0]
-        roi_l1 = _smooth_l1(per_class - roi_reg_targets, 1.0 / 9.0).sum(-1)
+        roi_l1 = smooth_l1(per_class - roi_reg_targets, 1.0 / 9.0).sum(-1)
         loss_box_reg = jnp.sum(jnp.where(roi_pos, roi_l1, 0.0)) / roi_sampled
         return dict(
             loss_classifier=loss_classifier,
@@ -619,12 +562,6 @@ class FasterRCNN(Model):
 def _at_least_f32(x: jax.Array) -> jax.Array:
     """Heads may compute in bf16; boxes and losses are float32 (float64 stays float64)."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _smooth_l1(diff: jax.Array, beta: float) -> jax.Array:
-    """torch's smooth_l1_loss elementwise (reduction none)."""
-    a = jnp.abs(diff)
-    return jnp.where(a < beta, 0.5 * a * a / beta, a - 0.5 * beta)
 
 
 def _bce_with_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -641,34 +578,6 @@ class _SamplerSeed:
     def next_key(self) -> jax.Array:
         self.calls += 1
         return jax.random.fold_in(jax.random.key(self.seed), self.calls)
-
-
-def _check_target(i: int, target: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """torchvision's target checks: float (G, 4) boxes with positive width and height, int labels."""
-    if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
-        raise ValueError(f"target {i}: expected a dict with 'boxes' and 'labels'")
-    boxes = np.asarray(target["boxes"], np.float32)
-    if boxes.size == 0:
-        boxes = boxes.reshape(0, 4)
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"target {i}: expected boxes of shape (G, 4), got {boxes.shape}")
-    labels = np.asarray(target["labels"])
-    if labels.shape != (len(boxes),) or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
-        raise ValueError(
-            f"target {i}: expected {len(boxes)} integer labels, got shape {labels.shape} {labels.dtype}"
-        )
-    degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-    if degenerate.any():
-        j = int(np.argmax(degenerate))
-        raise ValueError(
-            f"target {i}: all bounding boxes should have positive height and width; "
-            f"box {j} is {boxes[j].tolist()}"
-        )
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"target {i}: labels should be in [0, {num_classes}), got {labels.min()}..{labels.max()}"
-        )
-    return boxes, labels.astype(np.int32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -688,19 +597,11 @@ def _faster_rcnn(builder: str, args: dict[str, Any], defaults: dict[str, Any]) -
         args.pop("seed"),
     )
     frozen = args.pop("frozen_batchnorm")
-    if weights is not None or weights_backbone is not None:
-        raise ValueError(
-            f"{builder}(weights=...) needs torch: use porting.load_torchvision({builder!r}, ...) to convert "
-            "torchvision weights, or mbv3_jax.load(directory) for a saved model"
-        )
+    reject_weights(builder, weights, weights_backbone)
     extra = args.pop("kwargs")
-    unknown = set(extra) - {f.name for f in dataclasses.fields(FasterRCNNConfig)}
-    if unknown:
-        raise TypeError(f"{builder}: unexpected keyword arguments {sorted(unknown)}")
     num_classes = args.pop("num_classes") or 91
     trainable = args.pop("trainable_backbone_layers")
-    if trainable is not None and not 0 <= trainable <= 6:
-        raise ValueError(f"trainable_backbone_layers should be in [0, 6], got {trainable}")
+    check_builder_options(builder, extra, FasterRCNNConfig, trainable)
     options = {**defaults, **extra, "num_classes": num_classes}
     config = FasterRCNNConfig(**options)
     record = {"num_classes": num_classes, "frozen_batchnorm": bool(frozen), **extra}

@@ -41,7 +41,20 @@ import numpy as np
 from flax import nnx
 
 from mbv3_jax.layers import Conv2d, ConvNormActivation, DType, normal_init
-from mbv3_jax.models.detection import _check_image_list, _check_target, _normalize_and_resize
+from mbv3_jax.models.detection_utils import (
+    BOX_CODER_WEIGHTS,
+    check_builder_options,
+    cross_entropy,
+    gather_kept,
+    is_training,
+    norm_options,
+    normalize_and_resize_images,
+    pad_targets,
+    reject_weights,
+    resized_targets,
+    smooth_l1,
+    unpad_detections,
+)
 from mbv3_jax.models.mobilenetv3 import (
     BlockConfig,
     dump_architecture,
@@ -57,10 +70,10 @@ from mbv3_jax.ops.matcher import ssd_match
 from mbv3_jax.runtime import List, Model, Module, call_compiled
 
 SIZE = (320, 320)  # (width, height) as torchvision's ``size``; square, so the order never matters
+INPUT_HW = (SIZE[1], SIZE[0])  # torchvision: size = [fixed_size[1], fixed_size[0]]
 # torchvision's SSDlite norm_layer: partial(BatchNorm2d, eps=0.001, momentum=0.03).
 SSDLITE_NORM: dict[str, Any] = dict(norm="batch", bn_eps=0.001, bn_momentum=0.03)
 EXTRA_DEPTHS = (512, 256, 256, 128)
-BOX_CODER_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 # NMS first runs on this many best candidates (more than torchvision's CPU path switch at 1,000).
 NMS_FIRST_CANDIDATES = 1024
 MIN_GT_SLOTS = 8  # ground truth is padded to a power of two >= this (few compiled loss programs)
@@ -195,12 +208,6 @@ class SSDLiteHead(Module):
         }
 
 
-def _smooth_l1(x: jax.Array, beta: float = 1.0) -> jax.Array:
-    """``F.smooth_l1_loss(reduction="none")`` of a difference, torch's formula."""
-    z = jnp.abs(x)
-    return jnp.where(z < beta, 0.5 * z * z / beta, z - 0.5 * beta)
-
-
 # ------------------------------------------------------------------------------------------------
 # The model
 
@@ -261,13 +268,11 @@ class SSD(Model):
 
     def preprocess(self, images: Sequence[Any]) -> tuple[jax.Array, list[tuple[int, int]]]:
         """(normalized NHWC batch at 320x320, original (h, w) per image)."""
-        images = _check_image_list(images)
         cfg = self.config
-        size = (SIZE[1], SIZE[0])  # torchvision: size = [fixed_size[1], fixed_size[0]]
-        batch = jnp.stack(
-            [_normalize_and_resize(jnp.asarray(img), size, cfg.image_mean, cfg.image_std) for img in images]
+        resized, _, originals = normalize_and_resize_images(
+            images, cfg.image_mean, cfg.image_std, lambda h, w: INPUT_HW
         )
-        return batch, [(int(img.shape[0]), int(img.shape[1])) for img in images]
+        return jnp.stack(resized), originals
 
     def prepare_targets(
         self,
@@ -282,31 +287,13 @@ class SSD(Model):
         torchvision's checks (float (G, 4) boxes with positive width and height, integer labels in
         [0, num_classes)), then its ``resize_boxes`` (float32 ratios 320 / original).
         """
-        targets = list(targets)
-        if len(targets) != len(original_sizes):
-            raise ValueError(f"got {len(original_sizes)} images but {len(targets)} targets")
-        boxes_list, labels_list = [], []
-        for i, (target, (h, w)) in enumerate(zip(targets, original_sizes, strict=True)):
-            boxes, labels = _check_target(i, dict(target), self.num_classes)
-            ratio_h = np.float32(SIZE[1]) / np.float32(h)
-            ratio_w = np.float32(SIZE[0]) / np.float32(w)
-            boxes_list.append(boxes * np.array([ratio_w, ratio_h, ratio_w, ratio_h], np.float32))
-            labels_list.append(labels)
-        most = max(len(b) for b in boxes_list)
-        if max_boxes is None:
-            max_boxes = max(MIN_GT_SLOTS, 1 << max(0, most - 1).bit_length())
-        elif most > max_boxes:
-            raise ValueError(f"a target has {most} boxes, more than max_boxes={max_boxes}")
-        n = len(boxes_list)
+        boxes_list, labels_list = resized_targets(
+            targets, original_sizes, [INPUT_HW] * len(original_sizes), self.num_classes
+        )
         # Padding rows: a unit box (finite regression targets), never matched (valid=False).
-        out_boxes = np.tile(np.array([0, 0, 1, 1], np.float32), (n, max_boxes, 1))
-        out_labels = np.zeros((n, max_boxes), np.int32)
-        valid = np.zeros((n, max_boxes), bool)
-        for i, (b, lab) in enumerate(zip(boxes_list, labels_list, strict=True)):
-            out_boxes[i, : len(b)] = b
-            out_labels[i, : len(b)] = lab
-            valid[i, : len(b)] = True
-        return out_boxes, out_labels, valid
+        return pad_targets(
+            boxes_list, labels_list, min_slots=MIN_GT_SLOTS, pad_box=(0.0, 0.0, 1.0, 1.0), max_boxes=max_boxes
+        )
 
     def training_batch(
         self, images: Sequence[Any], targets: Sequence[Mapping[str, Any]], max_boxes: int | None = None
@@ -332,40 +319,20 @@ class SSD(Model):
         self, images: Sequence[Any], targets: Sequence[Mapping[str, Any]] | None = None
     ) -> list[dict[str, np.ndarray]] | dict[str, jax.Array]:
         batch, originals = self.preprocess(images)
-        if self._training():
+        if is_training(self):
             if targets is None:
                 raise ValueError("targets should not be none when in training mode")
             boxes, labels, valid = self.prepare_targets(targets, originals)
             return call_compiled(
                 self, "losses", batch, jnp.asarray(boxes), jnp.asarray(labels), jnp.asarray(valid)
             )
-        out = self.detect_batch(batch)
-        results = []
-        for i, (h, w) in enumerate(originals):
-            n = int(out["num_detections"][i])
-            # torchvision's resize_boxes back to the original size: float32 ratios original / 320.
-            ratio_h = np.float32(h) / np.float32(SIZE[1])
-            ratio_w = np.float32(w) / np.float32(SIZE[0])
-            boxes = np.asarray(out["boxes"][i, :n]) * np.array(
-                [ratio_w, ratio_h, ratio_w, ratio_h], np.float32
-            )
-            results.append(
-                {
-                    "boxes": boxes,
-                    "scores": np.asarray(out["scores"][i, :n]),
-                    "labels": np.asarray(out["labels"][i, :n]),
-                }
-            )
-        return results
+        return unpad_detections(self.detect_batch(batch), [INPUT_HW] * len(originals), originals)
 
     def detect_batch(self, batch: jax.Array) -> dict[str, jax.Array]:
         """Fixed-size detections (boxes in the 320x320 frame) for a preprocessed batch (compiled)."""
         return call_compiled(self, "forward_detect", batch)
 
     # -- traceable implementations ----------------------------------------------------------------
-
-    def _training(self) -> bool:
-        return not self.deterministic
 
     def _anchors(self, batch: jax.Array, features: Sequence[jax.Array]) -> jax.Array:
         # Static shapes: computed on the host at trace time, a constant of the program.
@@ -422,14 +389,7 @@ class SSD(Model):
                 keep, kept = batched_nms_padded(
                     cand_boxes, cand_scores, cand_labels, valid, cfg.nms_thresh, det_n
                 )
-                safe = jnp.maximum(keep, 0)
-                ok = jnp.arange(det_n) < kept
-                return (
-                    jnp.where(ok[:, None], cand_boxes[safe], 0.0),
-                    jnp.where(ok, cand_scores[safe], 0.0),
-                    jnp.where(ok, cand_labels[safe], 0),
-                    kept,
-                )
+                return *gather_kept(keep, kept, cand_boxes, cand_scores, cand_labels), kept
 
             # The best m candidates (score order; equal scores by class, then anchor, as torch's).
             top, flat = jax.lax.top_k(masked.reshape(-1), m)
@@ -490,10 +450,10 @@ class SSD(Model):
             # Only matched rows count; zeros elsewhere keep the masked branch finite for autodiff.
             target_regression = jnp.where(foreground[:, None], target_regression, 0.0)
             box_loss = jnp.sum(
-                jnp.where(foreground[:, None], _smooth_l1(regression - target_regression), 0.0)
+                jnp.where(foreground[:, None], smooth_l1(regression - target_regression, 1.0), 0.0)
             )
             cls_target = jnp.where(foreground, labels[safe], 0)
-            ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), cls_target[:, None], axis=1)[:, 0]
+            ce = cross_entropy(logits, cls_target)
             positive = cls_target > 0
             num_negative = cfg.neg_to_pos_ratio * jnp.sum(positive)
             negative_loss = jax.lax.stop_gradient(jnp.where(positive, -jnp.inf, ce))
@@ -512,22 +472,6 @@ class SSD(Model):
 
 # ------------------------------------------------------------------------------------------------
 # Builder
-
-
-def _norm_options(norm_layer: Mapping[str, Any] | None) -> dict[str, Any]:
-    """ConvNormActivation options for a ``norm_layer`` record. Missing keys take torch's class
-    defaults (as passing ``nn.BatchNorm2d`` itself would: eps 1e-5, momentum 0.1)."""
-    if norm_layer is None:
-        return dict(SSDLITE_NORM)
-    options = dict(norm_layer)
-    kind = options.pop("norm", "batch")
-    allowed = {"batch": {"bn_eps", "bn_momentum"}, "frozen": {"bn_eps"}}
-    if kind not in allowed:
-        raise ValueError(f"norm_layer['norm'] must be 'batch' or 'frozen', got {kind!r}")
-    unknown = set(options) - allowed[kind]
-    if unknown:
-        raise TypeError(f"norm_layer: unexpected keys {sorted(unknown)} for norm {kind!r}")
-    return {"norm": kind, "bn_eps": 1e-5, "bn_momentum": 0.1, **options}
 
 
 def ssdlite320_mobilenet_v3_large(
@@ -563,24 +507,13 @@ def ssdlite320_mobilenet_v3_large(
     ``trainable_backbone_layers`` (0..6, default 6) is recorded on the model for optimizers to use
     (torchvision freezes the stages before it; without trained weights it forces 6).
     """
-    if weights is not None or weights_backbone is not None:
-        raise ValueError(
-            "ssdlite320_mobilenet_v3_large(weights=...) needs torch: use "
-            "porting.load_torchvision('ssdlite320_mobilenet_v3_large', ...) to convert torchvision weights, "
-            "or mbv3_jax.load(directory) for a saved model"
-        )
+    builder = "ssdlite320_mobilenet_v3_large"
+    reject_weights(builder, weights, weights_backbone)
     if "size" in kwargs:
         warnings.warn("The size of the model is already fixed; ignoring the parameter.", stacklevel=2)
         kwargs.pop("size")
-    known = {f.name for f in dataclasses.fields(SSDConfig)} - {"num_classes"}
-    unknown = set(kwargs) - known
-    if unknown:
-        raise TypeError(f"ssdlite320_mobilenet_v3_large: unexpected keyword arguments {sorted(unknown)}")
+    check_builder_options(builder, kwargs, SSDConfig, trainable_backbone_layers)
     num_classes = num_classes or 91
-    if trainable_backbone_layers is not None and not 0 <= trainable_backbone_layers <= 6:
-        raise ValueError(
-            f"Trainable backbone layers should be in the range [0,6], got {trainable_backbone_layers}"
-        )
     reduced_tail = True if reduced_tail is None else bool(reduced_tail)
     options = {
         k: tuple(float(x) for x in v) if k in ("image_mean", "image_std") else v for k, v in kwargs.items()
@@ -593,11 +526,11 @@ def ssdlite320_mobilenet_v3_large(
         record["trainable_backbone_layers"] = trainable_backbone_layers
     record.update({k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()})
     model = SSD(
-        "ssdlite320_mobilenet_v3_large",
+        builder,
         record,
         config,
         reduced_tail=reduced_tail,
-        norm=_norm_options(norm_layer),
+        norm=dict(SSDLITE_NORM) if norm_layer is None else norm_options(norm_layer),
         dtype=dtype,
         param_dtype=param_dtype,
         rngs=rngs if rngs is not None else nnx.Rngs(seed),
