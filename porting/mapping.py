@@ -17,11 +17,18 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-Path = tuple[Any, ...]
+from mbv3_jax.variables import (
+    Mismatch,
+    Path,
+    format_path,
+    match_by_path,
+    raise_problems,
+    variables_by_path,
+    write_by_path,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,15 +116,9 @@ def parse_path(dotted: str) -> Path:
     return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
 
 
-def format_path(path: Path) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def model_variables(model: nnx.Module) -> dict[Path, nnx.Variable]:
     """Every checkpointed variable of ``model`` (parameters and BatchNorm statistics) by path."""
-    return {
-        tuple(path): var for path, var in nnx.iter_graph(model) if isinstance(var, (nnx.Param, nnx.BatchStat))
-    }
+    return variables_by_path(model)
 
 
 def _resolve(key: str, rules: Iterable[Rule]) -> tuple[Rule, Path] | None:
@@ -135,9 +136,7 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def _raise(problems: list[str], context: str) -> None:
-    shown = problems[:20]
-    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-    raise WeightMappingError(f"{context}:\n  " + "\n  ".join(shown) + more)
+    raise_problems(problems, context, error=WeightMappingError)
 
 
 def convert_to_jax(
@@ -153,53 +152,43 @@ def convert_to_jax(
     With ``strict`` every model variable must be filled; without it (e.g. for gradients, which
     exist only for parameters) only the given tensors are checked.
     """
-    variables = model_variables(model)
-    out: dict[Path, np.ndarray] = {}
-    source: dict[Path, str] = {}
+    resolved: dict[str, tuple[Rule, Path]] = {}
     problems: list[str] = []
-    for key, value in tensors.items():
-        resolved = _resolve(key, rules)
-        if resolved is None:
+    for key in tensors:
+        found = _resolve(key, rules)
+        if found is None:
             problems.append(f"unexpected key {key!r}: no mapping rule matches it")
-            continue
-        rule, path = resolved
-        var = variables.get(path)
-        if var is None:
-            problems.append(f"key {key!r} maps to {format_path(path)}, which this model does not have")
-            continue
-        if path in out:
-            problems.append(f"key {key!r} and key {source[path]!r} both map to {format_path(path)}")
-            continue
-        array = _to_numpy(value)
-        converted = rule.transform.to_jax(array)
-        if tuple(converted.shape) != tuple(var.shape):
-            problems.append(
-                f"shape mismatch for key {key!r}: checkpoint {tuple(array.shape)} "
-                f"(-> {tuple(converted.shape)} after {rule.transform.name}), "
-                f"model {format_path(path)} expects {tuple(var.shape)}"
+        else:
+            resolved[key] = found
+
+    def describe(m: Mismatch) -> str:
+        path = format_path(m.target)
+        if m.kind == "no_target":
+            return f"key {m.source!r} maps to {path}, which this model does not have"
+        if m.kind == "duplicate":
+            return f"key {m.source!r} and key {m.other!r} both map to {path}"
+        if m.kind == "shape":
+            return (
+                f"shape mismatch for key {m.source!r}: checkpoint {tuple(np.shape(tensors[m.source]))} "
+                f"(-> {m.source_shape} after {resolved[m.source][0].transform.name}), "
+                f"model {path} expects {m.target_shape}"
             )
-            continue
-        out[path] = converted
-        source[path] = key
-    if strict:
-        for path in variables.keys() - out.keys():
-            problems.append(
-                f"missing: model variable {format_path(path)} {tuple(variables[path].shape)} "
-                "is not in the checkpoint"
-            )
-    if problems:
-        _raise(problems, context)
-    return out
+        return f"missing: model variable {path} {m.target_shape} is not in the checkpoint"
+
+    arrays, mismatches = match_by_path(
+        {key: tensors[key] for key in resolved},
+        model_variables(model),
+        lambda key: resolved[key][1],
+        convert=lambda key, value: resolved[key][0].transform.to_jax(_to_numpy(value)),
+        fill_all=strict,
+    )
+    _raise(problems + [describe(m) for m in mismatches], context)
+    return arrays
 
 
 def load_into(model: nnx.Module, arrays: Mapping[Path, np.ndarray]) -> None:
     """Write converted arrays into the model's variables, keeping each variable's dtype."""
-    variables = model_variables(model)
-    for path, array in arrays.items():
-        var = variables[path]
-        # Copy: on CPU jnp.asarray may alias the numpy buffer, which may alias a torch tensor
-        # that torch later updates in place (BatchNorm running stats in train mode).
-        var.set_value(jnp.array(array, dtype=var.dtype, copy=True))
+    write_by_path(arrays, model_variables(model))
 
 
 def convert_to_torch(

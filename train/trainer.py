@@ -37,6 +37,7 @@ from mbv3_jax.checkpoint import FORMAT
 from mbv3_jax.checkpoint import load as load_saved_model
 from mbv3_jax.layers import BatchNorm
 from mbv3_jax.models import MobileNetV3, get_model, mobilenet_v3_config, qat
+from mbv3_jax.variables import copy_by_path, describe_mismatch, format_path, variables_by_path
 from train import augment, checkpointing, data, sharding
 from train.config import TrainConfig
 from train.metrics import MetricsWriter, plot_metrics
@@ -54,12 +55,7 @@ _HEAD = ("classifier_out",)  # the last Linear: re-initialised when the class co
 
 def _saved_model_arrays(directory: Path) -> dict[tuple, np.ndarray]:
     """The variables of a ``mbv3_jax.save`` directory (each process reads it for itself)."""
-    saved = load_saved_model(directory)
-    return {
-        tuple(p): np.asarray(v.get_value())
-        for p, v in nnx.iter_graph(saved)
-        if isinstance(v, nnx.Param | nnx.BatchStat)
-    }
+    return {p: np.asarray(v.get_value()) for p, v in variables_by_path(load_saved_model(directory)).items()}
 
 
 def _init_arrays(path: Path, model: nnx.Module) -> dict[tuple, np.ndarray]:
@@ -98,24 +94,21 @@ def load_init(model: nnx.Module, init: str | os.PathLike) -> list[str]:
     path = Path(init).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--model.init {path} does not exist")
-    variables = {tuple(p): v for p, v in nnx.iter_graph(model) if isinstance(v, nnx.Param | nnx.BatchStat)}
+    variables = variables_by_path(model)
     arrays = _init_arrays(path, model)
-    problems = []
-    for p, array in arrays.items():
-        if p not in variables:
-            problems.append(f"{'.'.join(map(str, p))} is not in the model")
-        elif tuple(np.shape(array)) != tuple(variables[p].shape):
-            if p[: len(_HEAD)] == _HEAD:
-                continue  # another number of classes
-            problems.append(f"{'.'.join(map(str, p))}: {np.shape(array)} vs the model's {variables[p].shape}")
-    kept = [p for p in variables if p not in arrays or np.shape(arrays[p]) != tuple(variables[p].shape)]
-    problems += [f"{'.'.join(map(str, p))} is missing" for p in kept if p[: len(_HEAD)] != _HEAD]
-    if problems:
-        raise ValueError(f"--model.init {path} does not fit the configured model: " + "; ".join(problems[:5]))
-    for p, array in arrays.items():
-        if p not in kept:
-            variables[p].set_value(jnp.asarray(array, dtype=variables[p].get_value().dtype))
-    return [".".join(map(str, p)) for p in kept]
+    # A head the checkpoint lacks, or has for another class count, keeps its initialisation.
+    fresh = [
+        p
+        for p, var in variables.items()
+        if p[: len(_HEAD)] == _HEAD and (p not in arrays or np.shape(arrays[p]) != tuple(var.shape))
+    ]
+    copy_by_path(
+        {p: array for p, array in arrays.items() if p not in fresh},
+        {p: var for p, var in variables.items() if p not in fresh},
+        context=f"--model.init {path} does not fit the configured model",
+        describe=functools.partial(describe_mismatch, source="checkpoint", target="model"),
+    )
+    return [format_path(p) for p in fresh]
 
 
 def build_model(cfg: Any, num_classes: int, seed: int = 0, qat_cfg: Any = None) -> nnx.Module:
