@@ -1,5 +1,7 @@
 """The CPU kernels: convolutions computed another way because XLA:CPU runs them slowly.
 
+Timings behind each choice are in docs/performance.md.
+
 Each computes the same function as XLA's convolution (``mbv3_jax.ops.conv.xla_conv``); only the
 summation order differs, at rounding level. ``mbv3_jax.backend`` decides where they are used (in
 programs lowered for the CPU); nothing else should call them.
@@ -74,12 +76,10 @@ def depthwise_kernel_grad(
 ) -> Array:
     """d(sum(depthwise(x, k) * g)) / dk, shape (kh, kw, 1, C).
 
-    Autodiff gives one strided tap of x times g per kernel element, each reduced over (N, H, W):
-    XLA:CPU hands each reduction to a YNNPACK fusion that needs its operand in memory, so every
-    tap is written out in full (25 copies of a 5x5 layer's input; ~20% of a training step). Here
-    each tap's products are first summed over groups of output rows inside one loop fusion (no
-    full-size tap is ever written), then the small partial sums are reduced once: the kernel
-    gradient costs about half as much. Rows are split, not the batch: the batch may be sharded.
+    Autodiff's version writes every strided tap of x out in full (XLA:CPU hands each per-tap
+    reduction to a YNNPACK fusion that needs its operand in memory); here each tap's products are
+    first summed over groups of output rows inside one loop fusion, then the small partial sums are
+    reduced once. Rows are split, not the batch, because the batch may be sharded.
     """
     kh, kw = kernel_size
     if padding:
@@ -107,7 +107,7 @@ def depthwise_conv_shift(x: Array, kernel: Array, stride: int, padding: int, dil
     """Depthwise conv as k*k shifted multiply-adds. x: NHWC, kernel: (kh, kw, 1, C).
 
     Both gradients are written by hand (the input gradient in ``_depthwise_shift_bwd``, the kernel
-    gradient in ``depthwise_kernel_grad``): XLA:CPU runs them several times faster than autodiff's.
+    gradient in ``depthwise_kernel_grad``) because XLA:CPU runs autodiff's versions slowly.
     """
     return depthwise_shift_forward(x, kernel, stride, padding, dilation)
 
@@ -130,10 +130,9 @@ def _stuffed_padded(
 
 
 def _depthwise_shift_bwd(stride, padding, dilation, residuals, g):
-    # Autodiff's transpose of the forward pads each tap's product (with interior zeros for stride 2)
-    # and sums the k*k padded terms in one loop fusion that re-evaluates g's producer (BatchNorm's
-    # backward) for every tap and output element (~160 ms of a training step for one stride-2
-    # layer). Here g is stuffed and padded once (written out by XLA) and read k*k times.
+    # g is stuffed and padded once (written out by XLA) and read k*k times, because autodiff's
+    # transpose sums k*k padded products in one fusion that re-evaluates g's producer (BatchNorm's
+    # backward) for every tap and output element.
     x, kernel = residuals
     kh, kw = kernel.shape[:2]
     low_h, low_w = (kh - 1) * dilation - padding, (kw - 1) * dilation - padding
@@ -163,8 +162,8 @@ def pointwise_conv_dot(x: Array, kernel: Array, precision=None) -> Array:
 def dilated_conv_taps(x: Array, kernel: Array, padding: int, dilation: int, precision=None) -> Array:
     """Stride-1 dense conv as one matmul per kernel tap over the region where that tap sees input.
 
-    For atrous convs (ASPP rates 12/24/36 on a ~33x49 map) most taps read mostly padding; XLA:CPU
-    still multiplies through it (rate 36: 169 ms), this skips it (13 ms). Same sums, other order.
+    For atrous convs (ASPP rates 12/24/36) most taps read mostly padding, which XLA:CPU still
+    multiplies through and this skips. Same sums, other order.
     """
     kh, kw, cin, cout = kernel.shape
     n, h, w, _ = x.shape
@@ -186,15 +185,13 @@ def dilated_conv_taps(x: Array, kernel: Array, padding: int, dilation: int, prec
     return out
 
 
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def few_channel_conv_taps(x: Array, kernel: Array, stride: int, padding: int) -> Array:
     """Dense conv with few input channels (the RGB stem) as kh*kw*Cin broadcast multiply-adds.
 
     XLA:CPU hands it to Eigen's im2col convolution, whose patch packing of a 3-channel input is
-    most of its cost (stem of a 520x693 image: ~6.5-7 ms; this: ~3-4 ms). Sums are accumulated in at
-    least float32. Gradients are autodiff's of XLA's convolution (the training path is unchanged).
+    most of its cost. Sums are accumulated in at least float32. Gradients are autodiff's of XLA's
+    convolution (the training path is unchanged).
     """
     return _few_channel_taps_forward(x, kernel, stride, padding)
 
@@ -222,9 +219,8 @@ def _few_channel_taps(x: Array, kernel: Array, stride: int, padding: int) -> Arr
 
 
 def _pairwise_sum(terms: list[Array]) -> Array:
-    """Sum as a balanced tree: rounding error grows with log2(len) instead of len (27 stem terms:
-    DeepLabV3's train-mode logits 9.7e-6 -> 8.4e-6 of max|logit| from torch), and faster (more
-    independent adds)."""
+    """Sum as a balanced tree: rounding error grows with log2(len) instead of len, and independent
+    adds run faster than a chain."""
     while len(terms) > 1:
         pairs = [terms[i] + terms[i + 1] for i in range(0, len(terms) - 1, 2)]
         terms = pairs + terms[len(terms) - len(terms) % 2 :]

@@ -90,8 +90,8 @@ ACTIVATIONS: dict[str | None, Callable[[Array], Array] | None] = {
 def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: DType) -> Array:
     """N(0, std^2) drawn on the host from a key of ``rngs.params``.
 
-    jax.random draws compile one small program per parameter shape, which made building a
-    MobileNetV3 take ~25 s eagerly; numpy, seeded from the JAX key, takes milliseconds.
+    Drawn with numpy, seeded from the JAX key, because eager jax.random draws compile one small
+    program per parameter shape, which makes building a model slow.
     """
     seed = np.asarray(jax.random.key_data(rngs.params())).ravel()
     values = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * np.float32(std)
@@ -161,9 +161,9 @@ class Conv2d(Module):
 class Linear(Module):
     """torch.nn.Linear. Default init N(0, 0.01) as torchvision's classifier.
 
-    The kernel is stored (in, out), or (out, in) as torch stores it with ``kernel_layout="out_in"``:
-    XLA:CPU multiplies a wide input (Faster R-CNN's fc6: 150 x 12544 @ 12544 x 1024) ~15% faster
-    with the kernel's contraction axis minor.
+    The kernel is stored (in, out), or (out, in) as torch stores it with ``kernel_layout="out_in"``,
+    because XLA:CPU multiplies a wide input (Faster R-CNN's fc6) faster with the kernel's
+    contraction axis minor.
     """
 
     def __init__(
@@ -201,9 +201,8 @@ def batch_norm_train(x: Array, scale: Array, bias: Array, eps: float) -> tuple[A
     """Normalise ``x`` (..., C) with its batch statistics: (y, mean, biased variance).
 
     torch's two-pass statistics. The VJP is written out (the textbook BatchNorm backward: two
-    per-channel sums, then one elementwise pass); autodiff of the forward formula gives the same
-    numbers with more full-size passes (BN + hardswish on 100352x64, forward and backward:
-    ~59 -> ~39 ms).
+    per-channel sums, then one elementwise pass) because autodiff of the forward formula gives the
+    same numbers with more full-size passes.
     """
     return _batch_norm_train_fwd(x, scale, bias, eps)[0]
 
@@ -286,7 +285,7 @@ class BatchNorm(Module):
         stat = self.mean[...].dtype
         # set_value, not ``v[...] = x``: under a trace, flax's indexed assignment asks the tracer for
         # its sharding, and jax builds that AttributeError's message by walking the whole jaxpr so
-        # far (quadratic: ~10 s of tracing for a train-mode SSDlite). Same value, same dtype.
+        # far, which makes tracing quadratic in the model's size.
         self.mean.set_value(((1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)).astype(stat))
         self.var.set_value(((1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)).astype(stat))
         count = self.num_batches_tracked[...]
@@ -375,8 +374,7 @@ class ConvNormActivation(Module):
         y = self.conv(x, padding)
         shape = y.shape
         # Normalise on the (N*H*W, C) view: XLA:CPU runs the per-channel affine fused after a 1x1
-        # conv (a dot) slower when the fusion indexes the 4-D shape. Batch-1 classifiers measured
-        # here: Large 15.5 vs 18.6 ms, Small 6.9 vs 8.9 ms; identical outputs.
+        # conv (a dot) slower when the fusion indexes the 4-D shape (same outputs).
         y = self.bn(y.reshape(-1, shape[-1]))
         act = ACTIVATIONS[self.activation]
         y = y if act is None else act(y)

@@ -1,8 +1,8 @@
 """Run NNX model methods compiled, so that the obvious call ``model(x)`` is the fast one.
 
-An eager NNX call runs op by op (~10x slower than compiled here), ``nnx.jit`` re-walks the module
-graph on every call, and even ``nnx.split`` costs ~5-15 ms for MobileNetV3 on this CPU — more
-than the batch-1 forward itself. So per model we cache, keyed by a cheap structural signature:
+An eager NNX call runs op by op, ``nnx.jit`` re-walks the module graph on every call, and even
+``nnx.split`` costs more than a batch-1 forward pass (timings in docs/performance.md). So per model
+we cache, keyed by a cheap structural signature:
 
 * the graphdef (static structure: module tree, eval/train flags, hyper-parameters) and
 * the ordered list of ``nnx.Variable`` objects behind the state leaves,
@@ -10,9 +10,10 @@ than the batch-1 forward itself. So per model we cache, keyed by a cheap structu
 and each call reads the variables' current arrays and runs one module-level ``jax.jit`` function
 (one compiled program per graphdef, method and input shape). Replacing a submodule or a Variable,
 or changing a static attribute, selects a new entry, while in-place value updates (optimizer
-steps, ``nnx.update``) are read as they are. The signature walk costs ~1 ms, so when every node of
-the model is a :class:`Module` / :class:`List` / :class:`Dropout` from here (whose ``__setattr__``
-bumps a global structure version) it is skipped while nothing has been set anywhere since.
+steps, ``nnx.update``) are read as they are. The signature walk itself is not free, so when every
+node of the model is a :class:`Module` / :class:`List` / :class:`Dropout` from here (whose
+``__setattr__`` bumps a global structure version) it is skipped while nothing has been set anywhere
+since.
 In eval mode the compiled program returns only the outputs (no BatchNorm statistics to write back).
 Inside a user's own ``jax.jit`` / ``nnx.jit`` / ``jax.grad`` (inputs are tracers) the method runs
 inline instead.
@@ -124,8 +125,8 @@ def _signature(node: Any) -> tuple:
 
 
 class _StaticKey:
-    """(graphdef, treedefs) with a cached hash: hashing a MobileNetV3 graphdef costs ~1.7 ms, and
-    jax hashes static arguments on every call."""
+    """(graphdef, treedefs) with a cached hash: hashing a graphdef is slow, and jax hashes static
+    arguments on every call."""
 
     __slots__ = ("value", "_hash")
 

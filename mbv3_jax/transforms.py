@@ -9,7 +9,7 @@ result differs by 1/255/std (~0.017) there; so :func:`resize_bilinear_antialias`
 weight arithmetic, pass order and accumulation order. Verified bitwise against torch 2.14.1 on x86:
 the float32 rounding of torch's loop depends on which ATen CPU build runs it (see :data:`KERNELS`;
 ``"avx2"`` is the default and what ``torch.backends.cpu.get_cpu_capability() == "AVX2"`` uses). With the
-other build a handful of values per photo (0-18 on the skimage photos) land on the other side of x.5.
+other build a handful of values per photo land on the other side of x.5 (counts in docs/performance.md).
 
 Everything here is numpy-only (no torch, no jax) and works on HWC images; batches are NHWC.
 

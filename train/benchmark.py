@@ -5,7 +5,8 @@
 Both sides run one full optimizer step per iteration (forward, cross-entropy, backward, PyTorch-mode
 RMSProp with weight decay) on random images, in one process, alternating rounds, and the median
 images/s is reported. Compile time of the JAX step is reported separately. On CPU, compare both sides
-under the same ``GLIBC_TUNABLES`` setting (see ../shared/docs/cpu-performance-notes.md).
+under the same ``GLIBC_TUNABLES`` setting, because the allocator setting moves both frameworks' speed
+(see docs/performance.md).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 # Below this many bytes per replica, a replicated array is written whole by one replica instead of in
-# slices by all of them: slicing costs one small eager op per replica and array (~6 s for the first save
-# of a ~100-array state on 8 CPU devices), worth it only for large arrays across many hosts.
+# slices by all of them, because slicing costs one small eager op per replica and array, worth it only
+# for large arrays across many hosts.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 _handler_registered = False
 

@@ -23,7 +23,7 @@ JAX's module tree keeps MobileNetV3's own numbering: ``backbone.features`` is th
 ``backbone.features.1`` around the C4 split; ``porting.rules`` maps the two namings).
 The eval path is one ``jax.jit`` program per batch size (every image is resized to 320x320) with
 static shapes: a fixed top-k per class and padded NMS, run on the 1,024 best candidates first
-(see :meth:`SSD.postprocess_detections`: the same result as on all 27,000, ~10x cheaper). The losses
+(see :meth:`SSD.postprocess_detections`: the same result as on all 27,000, and cheaper). The losses
 are a traceable method over padded ground truth (a fixed number of boxes per image plus a
 validity mask), so ``nnx.value_and_grad`` differentiates them.
 """

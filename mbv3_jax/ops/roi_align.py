@@ -16,7 +16,7 @@ The sample coordinates and bilinear weights are bit-identical to the kernel's: t
 expressions are evaluated in its order, with XLA kept from fusing multiply-adds and from turning
 divisions into reciprocal multiplies (``boxes._rounded`` / ``boxes._divide``), so every sample reads
 the same taps. The per-channel weighted sums are left to XLA (it may contract them into FMAs: last-bit
-differences, within 1e-5 of torchvision in the tests); forcing torch's rounding there cost 3x.
+differences, within 1e-5 of torchvision in the tests), because forcing torch's rounding there is slow.
 """
 
 from __future__ import annotations
@@ -133,10 +133,9 @@ def _roi_align_flat(
 
     acc = jnp.zeros((k, out_h, out_w, c), flat.dtype)
     if sampling_ratio > 0:
-        # The rows and weights are per bin, not per channel. XLA:CPU expands this barrier before
-        # fusion and recomputes them per channel in the gather loop; alone that costs ~1 ms for 150
-        # RoIs. Fused into a matmul's operand it cost ~70 ms: callers wrap roi_align in
-        # mbv3_jax.backend.unfused there (FasterRCNN._box_head).
+        # The rows and weights are per bin, not per channel, but XLA:CPU expands this barrier and
+        # recomputes them per channel: cheap alone, costly fused into a matmul's operand, so callers
+        # wrap roi_align in mbv3_jax.backend.unfused there (FasterRCNN._box_head).
         params = jax.lax.optimization_barrier(
             [sample_taps(iy, ix) for iy in range(sampling_ratio) for ix in range(sampling_ratio)]
         )

@@ -6,11 +6,12 @@ by index) are decided by themselves alone. When ``max_output`` of them survive, 
 answer; when every valid candidate is among them, so is everything else. Only otherwise does NMS
 have to look further, and then it runs on all candidates.
 
-SSD post-processing hands NMS 90 classes x 300 candidates: :func:`mbv3_jax.ops.boxes.batched_nms_padded`
-on all 27,000 spends a pass over every candidate per kept box (~50 ms here); on the best 1,024
-it is a few milliseconds. The result is the same, including torchvision's run-time choice between
-its per-class path and the coordinate-offset path (made on the count of *all* valid candidates:
-with ``num_candidates`` above ``vanilla_numel // 4`` the preselection sees the same side of it).
+SSD post-processing hands NMS 90 classes x 300 candidates, and
+:func:`mbv3_jax.ops.boxes.batched_nms_padded` spends a pass over every candidate per kept box, so
+running it on the best 1,024 first is much cheaper (timings in docs/performance.md). The result is
+the same, including torchvision's run-time choice between its per-class path and the
+coordinate-offset path (made on the count of *all* valid candidates: with ``num_candidates`` above
+``vanilla_numel // 4`` the preselection sees the same side of it).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The data set is written as a TFDS ArrayRecord data set on first use (no download). A short run needs a
 faster BatchNorm momentum than torchvision's 0.01 (tuned for 600 epochs), else the running statistics lag
 the weights and eval accuracy collapses. No augmentation: digits are not mirror-symmetric, and 6 epochs
-are too few for crops to pay off. Measured: 94.7% top-1 on the 360 held-out digits after 6 epochs.
+are too few for crops to pay off. (A measured run's accuracy is in docs/performance.md.)
 """
 
 from train.config import TrainConfig

@@ -34,24 +34,19 @@ once frozen).
 
 Numerics: "xla" (default) computes convolutions and reductions XLA's way; values then differ from
 torch's in the last float bits, and an activation on a rounding boundary goes to the neighbouring
-step (the gradients of a model at 96 px differed from torch's by ~10% that way). "torch_avx2"
-computes every float32 operation in torch's CPU order (``mbv3_jax.torch_numerics``): measured
-bit-identical to torch 2.14 here, forward, observers, BatchNorm statistics, convert; for parity
-checks (slower: FMA chains instead of dots).
+step. "torch_avx2" computes every float32 operation in torch's CPU order on AVX2
+(``mbv3_jax.torch_numerics``), so that forward, observers, BatchNorm statistics and convert match
+torch's bit for bit (tests/test_qat_parity.py); it is for parity checks (slower: FMA chains instead
+of dots).
 
-Running: ``model(x)`` compiles the whole forward pass (long to compile: ~220 fake quants); inside
-your own ``nnx.jit`` it is inlined. ``model.forward(x)`` run eagerly executes layer by layer, every
-layer computation a small jitted function shared by all layers of its kind and shape (quick to
-start; what the parity tests do, gradients included: with "torch_avx2" each layer's gradient is the
-VJP of its "xla" twin, jitted once per layer signature).
+Running: ``model(x)`` compiles the whole forward pass (long to compile: every fake quant is in one
+program); inside your own ``nnx.jit`` it is inlined. ``model.forward(x)`` run eagerly executes layer
+by layer, every layer computation a small jitted function shared by all layers of its kind and shape
+(quick to start; what the parity tests do, gradients included: with "torch_avx2" each layer's
+gradient is the VJP of its "xla" twin, jitted once per layer signature).
 
-No JAX quantization library is used: qwix 0.1.8 and aqtp 0.9.0 (both install and import with this
-jax / flax) compute scales as ``absmax / (qmax + 0.5)`` or ``(max - min) / range`` without FBGEMM's
-nudging, quantize by division (or round ``x / s + zp`` instead of ``round(x * (1 / s)) + zp``),
-have no uint8 asymmetric type (qwix) or only float offsets (aqtp), and average calibration
-statistics by count rather than torch's exponential moving average: none gives torch's numbers,
-which a fake-quant parity product needs to the bit (a value moving across a rounding boundary is a
-whole quantization step).
+No JAX quantization library is used because none reproduces torch's qparams and rounding to the
+bit, which fake-quant parity needs (the comparison is in docs/performance.md).
 """
 
 from mbv3_jax.models.qat.convert import convert, from_float

@@ -429,5 +429,3 @@ class FixedQParamsFakeQuantize(Module):
             quant_min=self.quant_min,
             quant_max=self.quant_max,
         )
-
-
