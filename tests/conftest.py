@@ -5,13 +5,23 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
+from extras import HAVE_TORCH, require_torch
 
 # Parity is measured at full fp32 precision on every backend (GPU/TPU default to TF32/bf16 passes).
 jax.config.update("jax_default_matmul_precision", "highest")
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _configure_torch() -> None:
+    if not HAVE_TORCH:  # without the "torch" extra the torch-free tests still run (and the parity tests skip)
+        return
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+_configure_torch()
 
 
 # The longest files first: scripts/test.sh runs two workers that take whole files, and a long file
@@ -36,13 +46,14 @@ def generic_path():
 
 @pytest.fixture(scope="session")
 def photos() -> list[np.ndarray]:
+    require_torch()  # porting, which samples them, needs the "torch" extra
     from porting.calibration import sample_photos
 
     return sample_photos()
 
 
 @pytest.fixture(scope="session")
-def inputs_nchw(photos) -> torch.Tensor:
+def inputs_nchw(photos):  # a torch.Tensor
     """The photos through torchvision's own eval preset (resize 256, crop 224), float NCHW."""
     from porting.calibration import classification_inputs
 

@@ -23,11 +23,13 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
+from extras import require_torch
 
 # ruff: noqa: E402
-torch = pytest.importorskip("torch", reason="needs torch, the optional 'torch' extra")
-torchvision = pytest.importorskip("torchvision", reason="needs torchvision, the optional 'torch' extra")
+require_torch()  # the optional "torch" extra: without it this file skips whole, before the imports below
+
+import torch
+import torchvision
 
 from porting import load_torchvision
 from porting.calibration import calibrated_random_weights_, classification_inputs

@@ -9,9 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from extras import require_torch
+from flax import nnx
+
+# ruff: noqa: E402
+require_torch()  # the optional "torch" extra: without it this file skips whole, before the imports below
+
 import torch
 import torchvision
-from flax import nnx
 
 from porting import load_torchvision, to_torchvision
 from porting.calibration import calibrated_random_weights_, move_off_activation_kinks_

@@ -1,6 +1,11 @@
 """The two commands, end to end (offline)."""
 
 import pytest
+from extras import require_torch
+
+# ruff: noqa: E402
+require_torch()  # the optional "torch" extra: without it this file skips whole, before the imports below
+
 import torch
 import torchvision
 

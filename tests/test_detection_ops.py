@@ -5,20 +5,15 @@ image, empty sets, IoUs exactly at the threshold). NMS must return torchvision's
 torchvision's order; RoIAlign and anchors are compared bit for bit or to ~1e-6.
 """
 
+from __future__ import annotations
+
 from collections import OrderedDict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torchvision
-from torchvision.models.detection._utils import BoxCoder as TorchBoxCoder
-from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchAnchorGenerator
-from torchvision.models.detection.anchor_utils import DefaultBoxGenerator as TorchDefaultBoxGenerator
-from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import boxes as tv_boxes
-from torchvision.ops.poolers import LevelMapper
+from extras import HAVE_TORCH, needs_torch
 
 from mbv3_jax.ops import (
     AnchorGenerator,
@@ -37,6 +32,16 @@ from mbv3_jax.ops import (
     remove_small_boxes_mask,
     roi_align,
 )
+
+if HAVE_TORCH:  # the optional "torch" extra: without it the needs_torch tests skip, the others run
+    import torch
+    import torchvision
+    from torchvision.models.detection._utils import BoxCoder as TorchBoxCoder
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TorchAnchorGenerator
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator as TorchDefaultBoxGenerator
+    from torchvision.models.detection.image_list import ImageList
+    from torchvision.ops import boxes as tv_boxes
+    from torchvision.ops.poolers import LevelMapper
 
 F32 = np.float32
 
@@ -85,6 +90,7 @@ def _adversarial_boxes(rng):
 # ------------------------------------------------------------------------------------------------
 
 
+@needs_torch
 def test_box_area_and_iou_match_torchvision():
     rng = np.random.default_rng(0)
     a = np.concatenate([_adversarial_boxes(rng), _random_boxes(rng, 100, grid=4)])
@@ -97,6 +103,7 @@ def test_box_area_and_iou_match_torchvision():
     assert box_iou(a[:0], b).shape == (0, b.shape[0])
 
 
+@needs_torch
 def test_clip_and_remove_small_boxes_match_torchvision():
     rng = np.random.default_rng(1)
     boxes = np.concatenate([_adversarial_boxes(rng), rng.uniform(-300, 900, (200, 4)).astype(F32)])
@@ -115,6 +122,7 @@ def test_clip_and_remove_small_boxes_match_torchvision():
         np.testing.assert_array_equal(np.nonzero(np.asarray(mask))[0], ref)
 
 
+@needs_torch
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0), (2.0, 3.0, 7.0, 0.5)])
 def test_box_coder_matches_torchvision(weights):
     rng = np.random.default_rng(2)
@@ -200,6 +208,7 @@ def _nms_cases():
 _NMS_CASES = _nms_cases()
 
 
+@needs_torch
 @pytest.mark.parametrize("name,boxes,scores,thr", _NMS_CASES, ids=[c[0] for c in _NMS_CASES])
 def test_nms_matches_torchvision(name, boxes, scores, thr):
     ref = torchvision.ops.nms(_t(boxes), _t(scores), thr).numpy()
@@ -208,6 +217,7 @@ def test_nms_matches_torchvision(name, boxes, scores, thr):
     np.testing.assert_array_equal(got, ref)
 
 
+@needs_torch
 def test_nms_on_threshold_pairs():
     """IoU of exactly 0.3 / 0.7 / 0.5 in float32: torch compares it with the double threshold."""
     base = np.array([0, 0, 10, 10], F32)
@@ -230,6 +240,7 @@ def test_nms_empty():
     assert keep.tolist() == [-1] * 5 and int(count) == 0
 
 
+@needs_torch
 def test_nms_padded_under_jit_with_padding_and_truncation():
     rng = np.random.default_rng(4)
     n, size = 300, 512
@@ -276,12 +287,14 @@ def _batched_cases():
 _BATCHED_CASES = _batched_cases()
 
 
+@needs_torch
 @pytest.mark.parametrize("name,boxes,scores,idxs,thr", _BATCHED_CASES, ids=[c[0] for c in _BATCHED_CASES])
 def test_batched_nms_matches_torchvision(name, boxes, scores, idxs, thr):
     ref = torchvision.ops.batched_nms(_t(boxes), _t(scores), _t(idxs), thr).numpy()
     np.testing.assert_array_equal(batched_nms(boxes, scores, idxs, thr), ref)
 
 
+@needs_torch
 def test_batched_nms_paths():
     """Both torchvision algorithms are reproduced; the switch follows the number of *valid* boxes."""
     rng = np.random.default_rng(6)
@@ -305,6 +318,7 @@ def test_batched_nms_paths():
     np.testing.assert_array_equal(np.asarray(keep)[: int(count)], sel[ref])
 
 
+@needs_torch
 def test_batched_nms_vanilla_ties_keep_the_same_set():
     """Per-class path with tied scores: torch re-sorts the kept boxes with an unstable sort, so only
     the kept set and the score sequence are defined; both match."""
@@ -345,6 +359,7 @@ def _assert_roi_close(got, ref):
 _ROI_GEOMETRY = [(0.25, (7, 7)), (1 / 3, (5, 4)), (1.0, (2, 3))]  # spatial_scale, output_size
 
 
+@needs_torch
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [2, 1, 3, 0, -1])
 def test_roi_align_matches_torchvision(aligned, sampling_ratio):
@@ -366,6 +381,7 @@ def test_roi_align_matches_torchvision(aligned, sampling_ratio):
     _assert_roi_close(fn(feats, rois), ref.permute(0, 2, 3, 1).numpy())
 
 
+@needs_torch
 def test_roi_align_adaptive_eager_bound():
     """Outside jit the adaptive grid bound is computed from the RoIs."""
     rng = np.random.default_rng(12)
@@ -376,6 +392,7 @@ def test_roi_align_adaptive_eager_bound():
     _assert_roi_close(got, ref.permute(0, 2, 3, 1).numpy())
 
 
+@needs_torch
 def test_roi_align_adaptive_under_jit_needs_a_bound():
     rng = np.random.default_rng(9)
     feats = rng.standard_normal((1, 20, 20, 3)).astype(F32)
@@ -397,6 +414,7 @@ def test_roi_align_empty_rois():
     assert roi_align(feats, jnp.zeros((0, 5)), 7, 0.5, 2).shape == (0, 7, 7, 4)
 
 
+@needs_torch
 def test_multiscale_roi_align_fpn_levels_match_torchvision():
     """Four FPN levels (strides 4..32), boxes spanning all levels, degenerate boxes, padded batch."""
     rng = np.random.default_rng(10)
@@ -429,6 +447,7 @@ def test_multiscale_roi_align_fpn_levels_match_torchvision():
     np.testing.assert_array_equal(levels[finite], ref_levels[finite])
 
 
+@needs_torch
 def test_multiscale_roi_align_mobilenet_fpn_layout():
     """fasterrcnn_mobilenet_v3_large(_320)_fpn: MultiScaleRoIAlign(['0', '1', '2', '3']) over the FPN
     outputs '0', '1', 'pool' -> maps '0' and '1', both stride 32 -> k_min = k_max = 5: all RoIs pool
@@ -462,6 +481,7 @@ def _torch_anchors(gen, image_hw, feature_hws):
     return gen(images, [torch.zeros(1, 1, *hw) for hw in feature_hws])[0].numpy()
 
 
+@needs_torch
 @pytest.mark.parametrize(
     "sizes,ratios,image_hw,feature_hws",
     [
@@ -484,6 +504,7 @@ def test_anchor_generator_matches_torchvision(sizes, ratios, image_hw, feature_h
     assert ours.num_anchors_per_location() == TorchAnchorGenerator(sizes, ratios).num_anchors_per_location()
 
 
+@needs_torch
 @pytest.mark.parametrize(
     "kwargs,image_hw,feature_hws,count",
     [
@@ -514,6 +535,8 @@ def _case_id(value) -> str:
 
 
 def _quality_cases():
+    if not HAVE_TORCH:  # the cases need torchvision's box_iou; their tests skip
+        return
     rng = np.random.default_rng(7)
     gt = _random_boxes(rng, 5, extent=80.0, max_size=50.0, grid=2)
     preds = np.concatenate([_random_boxes(rng, 300, grid=2), gt[:2], gt[:1]])  # exact copies: ties
@@ -524,6 +547,7 @@ def _quality_cases():
     yield "lattice", lattice.astype(F32)
 
 
+@needs_torch
 @pytest.mark.parametrize("name,quality", list(_quality_cases()), ids=_case_id)
 @pytest.mark.parametrize("high,low,allow", [(0.7, 0.3, True), (0.5, 0.5, False), (0.5, 0.25, False)])
 def test_matcher_matches_torchvision(name, quality, high, low, allow):
@@ -551,6 +575,7 @@ def test_matcher_without_ground_truth_is_all_background():
     np.testing.assert_array_equal(np.asarray(got), -1)
 
 
+@needs_torch
 @pytest.mark.parametrize("name,quality", list(_quality_cases()), ids=_case_id)
 def test_ssd_matcher_matches_torchvision(name, quality):
     from torchvision.models.detection._utils import SSDMatcher

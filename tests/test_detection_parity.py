@@ -9,9 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from extras import require_torch
+from flax import nnx
+
+# ruff: noqa: E402
+require_torch()  # the optional "torch" extra: without it this file skips whole, before the imports below
+
 import torch
 import torchvision
-from flax import nnx
 
 import mbv3_jax
 from porting import load_torchvision, to_torchvision

@@ -3,12 +3,16 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from extras import HAVE_TORCH, needs_torch
 
 import mbv3_jax
 from mbv3_jax import checkpoint, runtime
 from mbv3_jax.models import BlockConfig, MobileNetV3, get_model, list_models, mobilenet_v3_small
-from porting import to_torchvision
+
+if HAVE_TORCH:  # the optional "torch" extra: without it the needs_torch tests skip, the others run
+    import torch
+
+    from porting import to_torchvision
 
 
 def test_get_model_by_torchvision_name():
@@ -89,6 +93,7 @@ def test_bfloat16_compute():
     assert rel < 0.1, rel
 
 
+@needs_torch
 def test_bfloat16_parameters_save_and_export(tmp_path):
     model = mobilenet_v3_small(num_classes=3, width_mult=0.5, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     loaded = mbv3_jax.load(mbv3_jax.save(model, tmp_path / "bf16"))
@@ -132,6 +137,7 @@ def test_load_errors(tmp_path):
         mbv3_jax.load(tmp_path)
 
 
+@needs_torch
 def test_custom_block_table_round_trips_to_torchvision(tmp_path):
     table = [
         BlockConfig(16, 3, 16, 16, True, "RE", 2),
@@ -173,6 +179,7 @@ def test_segmentation_builders_follow_torchvision():
         deeplab(np.zeros((1, 64, 64, 3), np.float32))
 
 
+@needs_torch
 def test_segmentation_backbone_from_classifier_weights():
     import torchvision
 

@@ -4,14 +4,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from extras import HAVE_TORCH, needs_torch
 
 from mbv3_jax import backend
 from mbv3_jax.cpu_kernels import depthwise_conv_shift, dilated_conv_taps, few_channel_conv_taps, own_buffers
 from mbv3_jax.layers import batch_norm_train
 from mbv3_jax.ops import interpolate_bilinear
 
+if HAVE_TORCH:  # the optional "torch" extra: without it the needs_torch tests skip, the others run
+    import torch
 
+
+@needs_torch
 @pytest.mark.parametrize(
     "in_hw,out_hw",
     [
@@ -81,6 +85,7 @@ def test_few_channel_conv_taps_matches_xla(shape, kernel, stride, padding):
     np.testing.assert_allclose(np.asarray(got_bf16, np.float32), np.asarray(ref32), rtol=2**-8, atol=0)
 
 
+@needs_torch
 def test_interpolate_bilinear_float64_matches_torch():
     """In float64 torch computes the source positions in float64 too (not the fp32 FMA rule)."""
     x = np.random.default_rng(1).standard_normal((1, 33, 49, 3))

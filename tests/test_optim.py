@@ -19,11 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
-import torchvision
+from extras import HAVE_TORCH, needs_torch
 from flax import nnx
 
 from mbv3_jax import optim
+
+if HAVE_TORCH:  # the optional "torch" extra: without it the needs_torch tests skip, the others run
+    import torch
+    import torchvision
 
 F32_ULP = 2.0**-24  # half an ulp of float32: a correctly rounded float32 value is within this
 
@@ -113,7 +116,8 @@ def torch_detection_lrs(
 
 def _sched_cases() -> dict[str, tuple[Callable[[], np.ndarray], Callable[[], optax.Schedule], float]]:
     """name -> (torch per-iteration lrs, our schedule, allowed float64 relative error)."""
-    lr_sched = torch.optim.lr_scheduler
+    # Without torch only the case names are used: they name the tests that then skip.
+    lr_sched = torch.optim.lr_scheduler if HAVE_TORCH else None
     return {
         # torchvision's MobileNetV3 classification recipe: 600 epochs, StepLR(2, 0.973), per epoch
         "step_lr": (
@@ -170,6 +174,7 @@ def _sched_cases() -> dict[str, tuple[Callable[[], np.ndarray], Callable[[], opt
 SCHED_CASES = _sched_cases()
 
 
+@needs_torch
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name", sorted(SCHED_CASES))
 def test_schedule_matches_torch(name: str, dtype: str) -> None:
@@ -194,6 +199,7 @@ def test_schedule_matches_torch(name: str, dtype: str) -> None:
         assert err <= (F32_ULP if tol64 == 0.0 else 8 * F32_ULP)
 
 
+@needs_torch
 def test_step_lr_vs_optax_exponential_decay() -> None:
     """optax's own staircase decay computes gamma**k with a float power: 3e-6 off StepLR in float32."""
     ref = torch_lrs(lambda o: torch.optim.lr_scheduler.StepLR(o, 2, 0.973), 600, 1)
@@ -245,6 +251,7 @@ def test_schedule_validation() -> None:
     np.testing.assert_allclose(vals, [0.1, 0.2, 0.3, 0.4, 0.5, 0.5], rtol=1e-6)
 
 
+@needs_torch
 def test_schedule_beyond_table() -> None:
     """step_lr tabulates 1024 decays exactly; past that it continues with a power."""
     with precision("float64"):
@@ -396,6 +403,7 @@ def run_torch_vs_optax(config: dict[str, Any], dtype: str, with_plain: bool) -> 
     return errs
 
 
+@needs_torch
 @pytest.mark.parametrize(
     ("name", "dtype"),
     [
@@ -448,6 +456,7 @@ def optax_on_tensors(
     return [np.asarray(p) for p in params]
 
 
+@needs_torch
 def test_optax_rmsprop_matches_torch_only_with_constant_lr(problem: dict[str, Any]) -> None:
     init, grads = problem["init"], problem["grads"]
     kw = dict(alpha=0.9, eps=0.0316, momentum=0.9)
@@ -623,6 +632,7 @@ def test_eps_conversion() -> None:
     assert ratio.max() == pytest.approx(np.sqrt(2), rel=1e-4)
 
 
+@needs_torch
 def test_weight_decay_mask_torch_names() -> None:
     model = torchvision.models.mobilenet_v3_small(width_mult=0.25, num_classes=10)
     params = {n: p.detach().numpy() for n, p in model.named_parameters()}

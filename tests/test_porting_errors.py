@@ -5,11 +5,15 @@ import pickle
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torchvision
+from extras import HAVE_TORCH, needs_torch
 
 from mbv3_jax.models import mobilenet_v3_small
-from porting import CheckpointError, WeightMappingError, load_torchvision, torchvision_io
+
+if HAVE_TORCH:  # the optional "torch" extra: without it the needs_torch tests skip, the others run
+    import torch
+    import torchvision
+
+    from porting import CheckpointError, WeightMappingError, load_torchvision, torchvision_io
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +22,7 @@ def small_state_dict():
     return torchvision.models.mobilenet_v3_small().state_dict()
 
 
+@needs_torch
 def test_checkpoint_of_another_model_names_key_and_shapes(small_state_dict):
     with pytest.raises(WeightMappingError) as e:
         load_torchvision("mobilenet_v3_large", small_state_dict)
@@ -27,11 +32,13 @@ def test_checkpoint_of_another_model_names_key_and_shapes(small_state_dict):
     assert "expects" in msg and "checkpoint (" in msg
 
 
+@needs_torch
 def test_checkpoint_of_another_configuration(small_state_dict):
     with pytest.raises(WeightMappingError, match=r"classifier\.3\.weight.*\(1000, 1024\).*\(1024, 10\)"):
         load_torchvision("mobilenet_v3_small", small_state_dict, num_classes=10)
 
 
+@needs_torch
 def test_unknown_and_missing_keys(small_state_dict):
     sd = dict(small_state_dict)
     sd["features.99.weird"] = torch.zeros(3)
@@ -43,6 +50,7 @@ def test_unknown_and_missing_keys(small_state_dict):
     assert "missing: model variable classifier_out.bias (1000,)" in msg
 
 
+@needs_torch
 def test_truncated_file(tmp_path, small_state_dict):
     path = tmp_path / "small.pth"
     torch.save(small_state_dict, path)
@@ -57,6 +65,7 @@ class _Payload:
         return (print, ("this must never run",))
 
 
+@needs_torch
 def test_checkpoint_that_executes_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     with open(path, "wb") as f:
@@ -65,6 +74,7 @@ def test_checkpoint_that_executes_code_is_refused(tmp_path):
         load_torchvision("mobilenet_v3_small", str(path))
 
 
+@needs_torch
 def test_training_checkpoint_and_ddp_prefix(tmp_path, small_state_dict):
     path = tmp_path / "checkpoint.pth"
     ddp = {f"module.{k}": v for k, v in small_state_dict.items()}
@@ -75,11 +85,13 @@ def test_training_checkpoint_and_ddp_prefix(tmp_path, small_state_dict):
     )
 
 
+@needs_torch
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_torchvision("mobilenet_v3_small", "nope.pth")
 
 
+@needs_torch
 @pytest.mark.parametrize("weights", ["IMAGENET1K_QNNPACK_V1", "DEFAULT"])
 def test_qat_model_refuses_a_weights_name(weights):
     # torchvision's published quantized weights are the converted integer model, not a QAT state.
@@ -87,6 +99,7 @@ def test_qat_model_refuses_a_weights_name(weights):
         load_torchvision("qat_mobilenet_v3_large", weights)
 
 
+@needs_torch
 def test_weights_name_offline_names_the_cache_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
@@ -101,6 +114,7 @@ def test_weights_name_offline_names_the_cache_file(tmp_path, monkeypatch):
     assert "https://download.pytorch.org/models/mobilenet_v3_small-047dcff4.pth" in str(e.value)
 
 
+@needs_torch
 def test_weights_name_from_hub_cache(tmp_path, monkeypatch, small_state_dict):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     enum = torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1

@@ -42,8 +42,13 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from extras import require_torch
 from flax import nnx
+
+# ruff: noqa: E402
+require_torch()  # the optional "torch" extra: without it this file skips whole, before the imports below
+
+import torch
 
 from mbv3_jax.models import BlockConfig, qat, quantization
 from porting import WeightMappingError, load_torchvision, to_torchvision

@@ -26,6 +26,11 @@ import warnings
 
 import numpy as np
 import pytest
+from extras import require_torch
+
+# ruff: noqa: E402
+require_torch()  # the optional "torch" extra: without it this file skips whole, before the imports below
+
 import torch
 import torchvision
 from torch.ao.quantization import QConfig, get_default_qat_qconfig, get_default_qconfig

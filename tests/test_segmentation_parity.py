@@ -8,8 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+from extras import require_torch
 from flax import nnx
+
+# ruff: noqa: E402
+require_torch()  # the optional "torch" extra: without it this file skips whole, before the imports below
+
+import torch
 
 import mbv3_jax
 from mbv3_jax.runtime import Dropout

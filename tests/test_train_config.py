@@ -8,7 +8,7 @@ import json
 import numpy as np
 import optax
 import pytest
-import torch
+from extras import HAVE_TORCH, needs_torch
 from jax.sharding import PartitionSpec as P
 
 from train import augment, data, sharding
@@ -23,6 +23,9 @@ from train.config import (
 )
 from train.config import TrainConfig as _TrainConfig
 from train.trainer import build_model, learning_rate, make_optimizer
+
+if HAVE_TORCH:  # the optional "torch" extra: without it the needs_torch tests skip, the others run
+    import torch
 
 
 def test_shipped_configs():
@@ -179,6 +182,7 @@ def test_tf_mode_recipe_builds_tf1_rmsprop():
         np.testing.assert_allclose(np.asarray(got[k][n]), theta[k][n], rtol=1e-6, atol=1e-7)
 
 
+@needs_torch
 def test_init_from_torchvision_checkpoint_with_a_new_head(tmp_path):
     """``--model.init`` a torchvision .pth of 1000 classes into a 10-class model: all but the head load."""
     import torchvision
@@ -230,6 +234,7 @@ def test_image_folder_dataset(tmp_path):
         data.open_split("", "test", image_folder=str(tmp_path / "pets"), data_dir=str(tmp_path / "tfds"))
 
 
+@needs_torch
 def test_qat_recipe_and_float_start(tmp_path):
     """``--config qat``: torchvision's QAT recipe; the QAT model built from a float torchvision .pth is the
     model torchvision's script prepares from it (quantizable model, fuse_model(is_qat=True), prepare_qat)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from extras import require_torch
 
 import mbv3_jax
 from train.average import average_checkpoints, improving_steps
@@ -66,16 +67,18 @@ def test_average_and_export(demo, tmp_path):
         [restore_host(workdir, s)[0]["params"]["classifier_out"]["kernel"] for s in steps], axis=0
     )
     np.testing.assert_allclose(np.asarray(model.classifier_out.kernel[...]), expected, rtol=1e-6, atol=1e-7)
-    from porting import to_torchvision
-
-    state_dict = to_torchvision(model)  # checked against torchvision with strict=True inside
-    assert tuple(state_dict["classifier.3.weight"].shape) == (10, 1024)
     # the command line: errors are reported, not raised
     assert average_main([str(workdir), "--out", str(out)]) == 2  # exists
     assert average_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert plot_main([str(workdir), "--out", str(tmp_path / "curves.png")]) == 0
     assert (tmp_path / "curves.png").is_file()
     assert plot_main([str(tmp_path / "nothing")]) == 2
+    # The export to torchvision comes last: it needs torch, the optional "torch" extra.
+    require_torch()
+    from porting import to_torchvision
+
+    state_dict = to_torchvision(model)  # checked against torchvision with strict=True inside
+    assert tuple(state_dict["classifier.3.weight"].shape) == (10, 1024)
 
 
 def test_quantization_aware_training(demo, tmp_path):
@@ -104,6 +107,8 @@ def test_quantization_aware_training(demo, tmp_path):
     assert observer[1]["max_val"] == observer[2]["max_val"]
     assert [int(o["observer_enabled"][0]) for o in observer] == [1, 1, 0]
 
+    # Converting checks the integer model against torch's, the optional "torch" extra.
+    require_torch()
     start = time.perf_counter()
     out, pth = tmp_path / "int8", tmp_path / "int8.pth"
     result = quantize_run(qat_dir, out, pth=pth, evaluate=True, progress=False)

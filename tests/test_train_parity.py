@@ -10,9 +10,14 @@ weight_decay=1e-5)``, one ``step()``. JAX: the trainer's jitted step on a 1-devi
 from __future__ import annotations
 
 import numpy as np
-import torch
+from extras import require_torch
 from PIL import Image
 from sklearn.datasets import load_digits
+
+# ruff: noqa: E402
+require_torch()  # the optional "torch" extra: without it this file skips whole, before the imports below
+
+import torch
 
 from mbv3_jax.transforms import normalize_uint8
 from porting.calibration import calibrated_random_weights_

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from extras import require_torch
 
 from train.checkpointing import restore_host
 from train.metrics import TIMING_COLUMNS
@@ -88,6 +89,8 @@ def args(tmp_path_factory, init_weights) -> list[str]:
 def init_weights(tmp_path_factory) -> str:
     """torchvision's 1-block model with random weights, BatchNorm calibrated on digits, converted and
     saved with ``mbv3_jax.save`` (an orbax directory: the runs load it without importing torch)."""
+    # The weights come from torchvision, the optional "torch" extra: without it every run here skips.
+    require_torch()
     import torch
     from sklearn.datasets import load_digits
 

@@ -15,25 +15,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from extras import HAVE_TORCH, needs_torch
 
-torch = pytest.importorskip("torch")
-torchvision = pytest.importorskip("torchvision")
-skdata = pytest.importorskip("skimage.data")
+from mbv3_jax import transforms as T
 
-import torch.nn.functional as Fnn  # noqa: E402
-import torchvision.transforms.functional as TF  # noqa: E402
-from torchvision.models import get_model_weights  # noqa: E402
-from torchvision.transforms._presets import ImageClassification, SemanticSegmentation  # noqa: E402
+if HAVE_TORCH:  # the optional "torch" extra: without it the needs_torch tests skip, the others run
+    import skimage.data as skdata
+    import torch
+    import torch.nn.functional as Fnn
+    import torchvision.transforms.functional as TF
+    from torchvision.models import get_model_weights
+    from torchvision.transforms._presets import ImageClassification, SemanticSegmentation
 
-from mbv3_jax import transforms as T  # noqa: E402
-from porting.calibration import PHOTO_NAMES  # noqa: E402
+    from porting.calibration import PHOTO_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = list(PHOTO_NAMES)
-CAPABILITY = torch.backends.cpu.get_cpu_capability()
+PHOTOS = list(PHOTO_NAMES) if HAVE_TORCH else []
+CAPABILITY = torch.backends.cpu.get_cpu_capability() if HAVE_TORCH else None
 KERNEL = {"AVX2": "avx2", "DEFAULT": "default"}.get(CAPABILITY)
 needs_kernel = pytest.mark.skipif(
-    KERNEL is None, reason=f"torch CPU capability {CAPABILITY} is not one of the replayed kernels {T.KERNELS}"
+    HAVE_TORCH and KERNEL is None,
+    reason=f"torch CPU capability {CAPABILITY} is not one of the replayed kernels {T.KERNELS}",
 )
 
 
@@ -66,6 +68,7 @@ def _assert_same(mine: np.ndarray, ref: np.ndarray) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
+@needs_torch
 @needs_kernel
 @pytest.mark.parametrize("key", sorted(T.EVAL_PRESETS))
 def test_preset_matches_torchvision_weights_transforms(key: str) -> None:
@@ -81,6 +84,7 @@ def test_preset_matches_torchvision_weights_transforms(key: str) -> None:
     _assert_same(preset(img), _to_hwc(ref_tf(_to_chw(img))))
 
 
+@needs_torch
 @needs_kernel
 @pytest.mark.parametrize("photo", PHOTOS)
 def test_presets_match_torchvision_on_photos(photo: str) -> None:
@@ -119,6 +123,7 @@ def test_presets_match_torchvision_on_photos(photo: str) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
+@needs_torch
 @needs_kernel
 @pytest.mark.parametrize(
     "shape",
@@ -133,6 +138,7 @@ def test_classification_edge_shapes(shape: tuple[int, int, int]) -> None:
     _assert_same(T.classification_preset(kernel=KERNEL)(img), ref)
 
 
+@needs_torch
 @needs_kernel
 @pytest.mark.parametrize("resize_size,crop_size", [(200, 224), (201, 224), (224, 224)])
 def test_center_crop_pads_when_crop_exceeds_resize(resize_size: int, crop_size: int) -> None:
@@ -143,6 +149,7 @@ def test_center_crop_pads_when_crop_exceeds_resize(resize_size: int, crop_size: 
     _assert_same(T.classification_preset(resize_size, crop_size, kernel=KERNEL)(img), ref)
 
 
+@needs_torch
 @pytest.mark.parametrize("h,w", [(10, 7), (7, 10), (300, 300), (31, 1000)])
 @pytest.mark.parametrize("crop", [(5, 5), (12, 9), (40, 3), (1, 1)])
 def test_center_crop_matches_torchvision(h: int, w: int, crop: tuple[int, int]) -> None:
@@ -151,6 +158,7 @@ def test_center_crop_matches_torchvision(h: int, w: int, crop: tuple[int, int]) 
     np.testing.assert_array_equal(T.center_crop(img, *crop), ref)
 
 
+@needs_torch
 def test_resized_output_size_matches_torchvision() -> None:
     from torchvision.transforms.functional import _compute_resized_output_size
 
@@ -164,6 +172,7 @@ def test_resized_output_size_matches_torchvision() -> None:
         T.resized_output_size(10, 20, 256, max_size=256)
 
 
+@needs_torch
 @needs_kernel
 def test_resize_uint8_max_size() -> None:
     img = _photo("rocket")
@@ -171,8 +180,13 @@ def test_resize_uint8_max_size() -> None:
     np.testing.assert_array_equal(T.resize_uint8(img, 256, max_size=300, kernel=KERNEL), ref)
 
 
+# Without the extra a placeholder names the cases (which then skip): scikit-image holds the photo.
+_CAMERA = skdata.camera() if HAVE_TORCH else np.zeros((1, 1), np.uint8)
+
+
+@needs_torch
 @needs_kernel
-@pytest.mark.parametrize("gray", [skdata.camera(), skdata.camera()[:, :, None]], ids=["HW", "HW1"])
+@pytest.mark.parametrize("gray", [_CAMERA, _CAMERA[:, :, None]], ids=["HW", "HW1"])
 def test_grayscale_is_replicated_to_rgb(gray: np.ndarray) -> None:
     """Documented choice: grayscale == the preset applied to the image repeated over 3 channels."""
     x = torch.from_numpy(np.ascontiguousarray(gray.reshape(gray.shape[:2])))[None].expand(3, -1, -1)
@@ -180,6 +194,7 @@ def test_grayscale_is_replicated_to_rgb(gray: np.ndarray) -> None:
     _assert_same(T.classification_preset(kernel=KERNEL)(gray), ref)
 
 
+@needs_torch
 def test_segmentation_without_resize() -> None:
     img = _photo("chelsea")
     ref = _to_hwc(SemanticSegmentation(resize_size=None)(_to_chw(img)))
@@ -229,6 +244,7 @@ def _torch_resize(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return y[0].permute(1, 2, 0).contiguous().numpy()
 
 
+@needs_torch
 @needs_kernel
 def test_resize_bilinear_antialias_bitwise_random() -> None:
     """Arbitrary float32 data (negative, non-integer, any scale) and sizes, up- and down-sampling."""
@@ -249,6 +265,7 @@ def test_resize_bilinear_antialias_bitwise_random() -> None:
     )
 
 
+@needs_torch
 @needs_kernel
 @pytest.mark.parametrize("h,w,oh", [(83, 244, 201), (83, 1, 40), (50, 3, 7)])
 def test_output_width_one_is_correct_not_torch(h: int, w: int, oh: int) -> None:
@@ -294,6 +311,7 @@ _OTHER_KERNEL_SCRIPT = textwrap.dedent(
 )
 
 
+@needs_torch
 @pytest.mark.skipif(CAPABILITY == "DEFAULT", reason="already covered in-process")
 def test_default_kernel_matches_torch_without_simd(tmp_path: Path) -> None:
     """``kernel="default"`` replays torch run with ``ATEN_CPU_CAPABILITY=default`` (no FMA contraction)."""
@@ -311,6 +329,7 @@ def test_default_kernel_matches_torch_without_simd(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 
+@needs_torch
 def test_preprocess_batch_stacks_nhwc() -> None:
     imgs = [_photo("chelsea"), _photo("colorwheel"), skdata.camera()]
     key = "mobilenet_v3_large.IMAGENET1K_V2"
