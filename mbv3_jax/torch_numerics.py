@@ -78,8 +78,11 @@ def true_divide(x: Array, y: Array) -> Array:
 
 
 def reciprocal(x: Array) -> Array:
-    """``1 / x`` as a division (not XLA's rsqrt / reciprocal rewrites of ``1 / sqrt(x)``)."""
-    return _opaque_one(x) / x
+    """``1 / x`` as a division (not XLA's rsqrt / reciprocal rewrites of ``1 / sqrt(x)``).
+
+    The divisor is kept from being a division itself: XLA rewrites ``a / (b / c)`` into
+    ``(a * c) / b``, which turns ``reciprocal(reciprocal(x))`` into ``x``."""
+    return _opaque_one(x) / rounded(x)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -522,10 +522,13 @@ QAT_QCONFIG_BACKEND = "qnnpack"
 def x86_backend_here() -> str:
     """The ``QuantizedMobileNetV3`` backend that computes what torch's "x86" engine computes on this
     CPU: "x86_vnni" where torch packs convs for oneDNN (Linux, oneDNN built in, AVX512-VNNI: the
-    condition of torch's ``should_use_onednn_quant``), else "x86" (FBGEMM)."""
-    vnni = bool(torch.cpu.get_capabilities().get("avx512_vnni", False))
-    onednn = sys.platform.startswith("linux") and torch.backends.mkldnn.is_available() and vnni
-    return "x86_vnni" if onednn else "x86"
+    condition of torch's ``should_use_onednn_quant``), "x86_amx" where oneDNN then runs them on
+    AMX-INT8, else "x86" (FBGEMM)."""
+    capabilities = torch.cpu.get_capabilities()
+    vnni = bool(capabilities.get("avx512_vnni", False))
+    if not (sys.platform.startswith("linux") and torch.backends.mkldnn.is_available() and vnni):
+        return "x86"
+    return "x86_amx" if capabilities.get("amx_int8", False) else "x86_vnni"
 
 
 @contextlib.contextmanager

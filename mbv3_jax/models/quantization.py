@@ -23,17 +23,20 @@ The requantization arithmetic follows one of torch's quantized engines, chosen b
   with at most 100 groups and symmetric weights for oneDNN (``should_use_onednn_quant``): those
   convs follow oneDNN's output stage (``_onednn_requantize``), the rest (depthwise convs with more
   groups, the linears, add, pooling) FBGEMM's as ``"x86"``.
-  ``porting.torchvision_io.x86_backend_here()`` tells which of the two torch runs on this CPU.
+* ``"x86_amx"``: as ``"x86_vnni"`` on a CPU with AMX-INT8, where oneDNN runs the dense convs on its
+  AMX kernels, which multiply the int32 sum by one precomputed scale ``s_in * s_w``
+  (``_onednn_requantize`` with ``combined_scales``); its depthwise convs scale as on ``"x86_vnni"``.
+  ``porting.torchvision_io.x86_backend_here()`` tells which of these torch runs on this CPU.
 
 Hardswish, hardsigmoid (fixed output scale 1/256, zero point 0) and the SE multiply compute the
-same function on both engines. Every float32 step is written in torch's operation order; measured
-against torch 2.14 (tests/test_quantized_parity.py) every op's uint8 output is identical.
+same function on both engines. Every float32 step is written in torch's operation order, so that
+every op's uint8 output equals torch's (tests/test_quantized_parity.py compares them).
 
 Limits of the "x86" parity, both torch's: without AVX512-VNNI, FBGEMM multiplies uint8 x int8 with
 vpmaddubsw, whose int16 pair sums saturate on full-range activations, so a model calibrated with
-the qnnpack qconfig (8-bit activations) is not integer arithmetic on the x86 engine (measured: up to
-34 steps off after the stem conv); with 7-bit activations (``reduce_range``, torch's x86 qconfig)
-it is, and this model matches it. (oneDNN's VNNI kernels accumulate in int32 without saturating.)
+the qnnpack qconfig (8-bit activations) is not integer arithmetic on the x86 engine (figures in
+docs/performance.md); with 7-bit activations (``reduce_range``, torch's x86 qconfig) it is, and this
+model matches it. (oneDNN's VNNI kernels accumulate in int32 without saturating.)
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ from mbv3_jax.runtime import Model, Module, call_compiled
 
 Array = jax.Array
 
-BACKENDS = ("qnnpack", "x86", "fbgemm", "x86_vnni")
+BACKENDS = ("qnnpack", "x86", "fbgemm", "x86_vnni", "x86_amx")
 # torch's x86 engine on an AVX512-VNNI CPU (Linux) packs convs with at most this many groups and
 # symmetric weights for oneDNN instead of FBGEMM (``should_use_onednn_quant``).
 ONEDNN_MAX_GROUPS = 100
@@ -124,8 +127,17 @@ def requantize_accumulator(
 ) -> QArray:
     """int32 conv / linear sums (channels last) -> uint8, as the engine's output stage does."""
     act_times_w = in_scale * weight_scale
-    if backend == "onednn":
-        return _onednn_requantize(acc, bias, in_scale, weight_scale, out_scale, out_zero_point, relu)
+    if backend in ("onednn", "onednn_combined_scales"):
+        return _onednn_requantize(
+            acc,
+            bias,
+            in_scale,
+            weight_scale,
+            out_scale,
+            out_zero_point,
+            relu,
+            combined_scales=backend == "onednn_combined_scales",
+        )
     if backend == "qnnpack":
         # QuantizeBias: quantize_per_tensor(bias, s_in * s_w, 0, qint32); requantization scale
         # (s_w * s_in) * (1 / s_out) (generate_requantization_scales); int32 sum * scale, rounded.
@@ -154,22 +166,36 @@ def _onednn_requantize(
     out_scale: Array,
     out_zero_point: Array,
     relu: bool,
+    *,
+    combined_scales: bool = False,
 ) -> QArray:
-    """oneDNN's int8 convolution output stage as torch configures it (ideep): the source scale is
-    ``1 / (1 / s_in)``, the destination multiplier ``1 / (1 / (1 / s_out))`` (torch passes
-    reciprocals, ideep inverts them, oneDNN inverts the destination scale again); the float32 sum
-    times the source scale, times the weight scale, plus the float bias, ReLU, times the destination
-    multiplier, plus the zero point, saturated and rounded half to even. Each product is rounded
-    before the add that follows (no FMA), as oneDNN's kernels compute it."""
-    src_scale = tn.reciprocal(tn.reciprocal(in_scale))
-    dst_multiplier = tn.reciprocal(tn.reciprocal(tn.reciprocal(out_scale)))
-    y = tn.rounded(acc.astype(jnp.float32) * src_scale * weight_scale)
+    """oneDNN's int8 convolution output stage as torch's x86 engine runs it: the float32 sum times
+    the scales, plus the float bias, ReLU, times ``1 / s_out``, plus the zero point, saturated and
+    rounded half to even; each product rounded before the add that follows (no FMA). The scales come
+    in one of two forms, each the one that reproduces torch's output on its CPUs: times ``s_in`` then
+    times ``s_w`` (AVX512-VNNI kernels), or, with ``combined_scales`` (AMX kernels), times one
+    precomputed ``(1 / (1 / s_in)) * s_w`` (torch hands oneDNN ``1 / s_in``, which inverts it)."""
+    acc = acc.astype(jnp.float32)
+    if combined_scales:
+        y = acc * (tn.reciprocal(tn.reciprocal(in_scale)) * weight_scale)
+    else:
+        y = acc * in_scale * weight_scale
+    y = tn.rounded(y)
     if bias is not None:
         y = y + bias
     if relu:
         y = jnp.maximum(y, _f32(0.0))
-    y = tn.rounded(y * dst_multiplier) + out_zero_point.astype(jnp.float32)
+    y = tn.rounded(y * tn.reciprocal(out_scale)) + out_zero_point.astype(jnp.float32)
     return QArray(jnp.round(jnp.clip(y, 0.0, 255.0)).astype(jnp.uint8), out_scale, out_zero_point)
+
+
+def _conv_requantization(backend: str, groups: int, in_channels: int) -> str:
+    """Whose output stage a conv follows: on the oneDNN backends, convs with at most
+    ONEDNN_MAX_GROUPS groups are oneDNN's, and on AMX its dense convs combine the scales."""
+    if backend not in ("x86_vnni", "x86_amx") or groups > ONEDNN_MAX_GROUPS:
+        return backend
+    depthwise = groups > 1 and groups == in_channels
+    return "onednn_combined_scales" if backend == "x86_amx" and not depthwise else "onednn"
 
 
 def integer_conv(x: QArray, kernel: Array, *, stride: int, padding: int, dilation: int, groups: int) -> Array:
@@ -258,14 +284,13 @@ def _dequantize_levels(x: QArray) -> Array:
     return x.scale * (x.values.astype(jnp.int32) - x.zero_point).astype(jnp.float32)
 
 
-# Both ops are computed per element rather than as QNNPACK's 256-entry lookup tables: the same
-# float32 formula applied to each level gives each table entry, so the results are identical (every
-# op's output is compared with torch's in tests/test_quantized_parity.py), and XLA:CPU fuses the
-# arithmetic into the producing conv's vectorized loop, where a gather kept that loop scalar.
+# Per element rather than as QNNPACK's 256-entry lookup tables (each entry is the same float32
+# formula, so results are identical), because XLA:CPU fuses the arithmetic into the producing conv's
+# vectorized loop, where a table gather would keep that loop scalar.
 def hardswish(x: QArray, out_scale: Array, out_zero_point: Array) -> QArray:
     """quantized::hardswish. QNNPACK builds a table of ``x * clamp(x + 3, 0, 6) / 6`` then
     ``(1 / s_out) * y + zp`` clamped and rounded; torch's x86 kernel evaluates the same float
-    formula per element (its dequantize uses an FMA; measured identical over 400 random scales)."""
+    formula per element (its dequantize uses an FMA; the outputs agree, see docs/performance.md)."""
     v = _dequantize_levels(x)
     y = (v * jnp.clip(v + 3.0, 0.0, 6.0)) / 6.0
     scaled = (_f32(1.0) / out_scale) * y + out_zero_point.astype(jnp.float32)
@@ -442,7 +467,7 @@ class QConv2d(Module):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.groups, self.relu = groups, relu
-        self.requantization = "onednn" if backend == "x86_vnni" and groups <= ONEDNN_MAX_GROUPS else backend
+        self.requantization = _conv_requantization(backend, groups, in_channels)
         shape = (kernel_size, kernel_size, in_channels // groups, out_channels)
         self.kernel = nnx.Param(_zeros(shape, np.int8))
         self.weight_scale = nnx.Param(_scalar(1.0, np.float32))
@@ -610,7 +635,7 @@ class QuantizedMobileNetV3(Model):
     ``model(x)`` takes normalized float NHWC images (as torchvision's preset makes them) and returns
     float32 logits, compiled once per input shape. ``quantized_intermediates(x)`` returns the uint8
     output of every quantized op, named like torch's modules, in execution order.
-    ``backend`` selects whose rounding the requantization follows ("qnnpack", "x86" or "x86_vnni";
+    ``backend`` selects whose rounding the requantization follows ("qnnpack", "x86", "x86_vnni" or "x86_amx";
     "fbgemm" computes as "x86"); it is fixed when the model is built.
     """
 
