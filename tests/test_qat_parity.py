@@ -31,6 +31,15 @@ neighbouring step, a relative difference of ~1/255, so TOL is effectively a bit-
 (measured: every logit and state tensor identical to torch's). That holds for torch's CPU kernels as
 dispatched on this kind of machine: AVX2 (checked below), oneDNN's blocking, MKL's sgemm order for >= 4
 rows and MKL's sqrt (its generic kernel on non-Intel CPUs, emulated; correctly rounded on Intel).
+Those tests run where torch reports AVX2.
+
+On every CPU, the port with its default numerics ("xla", test_xla_*), both qconfigs, the same
+sequence (three training steps, eval, observers off + BatchNorm frozen) with every layer run on the
+input torch's layer received: each layer's fake-quantized output on torch's quantization step for
+>= 99.9% of values and never more than one step off; every observer min / max, scale and BatchNorm
+statistic within 1e-5 relative (zero points within 1); each layer's parameter gradients for torch's
+output gradient within GRAD_TOL. (Run whole, XLA's rounding flips compound layer after layer, so
+only the bit-exact mode can be compared end to end.)
 """
 
 from __future__ import annotations
@@ -84,13 +93,11 @@ SMALL_TABLE = [
 FULL = os.environ.get("MBV3_QAT_FULL") == "1"
 MODELS = ["small", "large"] if FULL else ["small"]
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
-    pytest.mark.skipif(
-        torch.backends.cpu.get_cpu_capability() != "AVX2",
-        reason="numerics='torch_avx2' models torch's kernels as dispatched on AVX2 CPUs",
-    ),
-]
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+needs_avx2 = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX2",
+    reason="numerics='torch_avx2' models torch's kernels as dispatched on AVX2 CPUs",
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +111,10 @@ def _nhwc(x: torch.Tensor) -> jnp.ndarray:
     return jnp.asarray(np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()))
 
 
-def _pair(kwargs: dict, engine: str, calibration: torch.Tensor) -> tuple[torch.nn.Module, qat.QATMobileNetV3]:
-    """torchvision's QAT-prepared model (train mode) and its port (train mode, torch's numerics)."""
+def _pair(
+    kwargs: dict, engine: str, calibration: torch.Tensor, numerics: str = "torch_avx2"
+) -> tuple[torch.nn.Module, qat.QATMobileNetV3]:
+    """torchvision's QAT-prepared model (train mode) and its port (train mode, ``numerics``)."""
     torch.manual_seed(0)
     with quiet_quantization():
         tv = quantizable_torchvision(kwargs)
@@ -117,10 +126,10 @@ def _pair(kwargs: dict, engine: str, calibration: torch.Tensor) -> tuple[torch.n
     if "inverted_residual_setting" in kwargs:
         table = [BlockConfig(**row) for row in kwargs["inverted_residual_setting"]]
         model = qat.QATMobileNetV3(
-            table, kwargs["last_channel"], dropout=0.0, backend=engine, numerics="torch_avx2"
+            table, kwargs["last_channel"], dropout=0.0, backend=engine, numerics=numerics
         )
     else:
-        model = qat.qat_mobilenet_v3_large(dropout=0.0, backend=engine, numerics="torch_avx2")
+        model = qat.qat_mobilenet_v3_large(dropout=0.0, backend=engine, numerics=numerics)
     load_qat_state_dict(model, tv.state_dict())
     model.train()
     return tv, model
@@ -183,16 +192,19 @@ def qnnpack(request, batches):
     return (request.param, *_pair(_kwargs(request.param), "qnnpack", batches[0]))
 
 
+@needs_avx2
 def test_training_steps(qnnpack, batches):
     name, tv, model = qnnpack
     for i, x in enumerate(batches):
         _step(tv, model, x, f"{name} qnnpack, training step {i + 1}")
 
 
+@needs_avx2
 def test_gradients(qnnpack, batches):
     _check_gradients(*qnnpack, "qnnpack", batches[1])
 
 
+@needs_avx2
 def test_eval_mode(qnnpack, batches):
     name, tv, model = qnnpack
     tv.eval()
@@ -204,6 +216,7 @@ def test_eval_mode(qnnpack, batches):
         model.train()
 
 
+@needs_avx2
 def test_observers_disabled_and_batchnorm_frozen(qnnpack, batches):
     """The recipe's schedule: observers off after epoch 4, BatchNorm statistics frozen after epoch 3."""
     name, tv, model = qnnpack
@@ -217,6 +230,7 @@ def test_observers_disabled_and_batchnorm_frozen(qnnpack, batches):
     assert all(torch.equal(before[k], v) for k, v in tv.state_dict().items())
 
 
+@needs_avx2
 def test_convert_matches_torch(qnnpack):
     """``model.convert()`` gives the integer model torch's ``convert`` gives (every variable)."""
     name, tv, model = qnnpack
@@ -237,6 +251,7 @@ def test_convert_matches_torch(qnnpack):
         )
 
 
+@needs_avx2
 def test_state_dict_round_trip(qnnpack):
     name, tv, model = qnnpack
     exported = to_torchvision(model)
@@ -254,6 +269,7 @@ def x86(batches):
     return ("small", *_pair(_kwargs("small"), "x86", batches[0]))
 
 
+@needs_avx2
 def test_x86_training_steps(x86, batches):
     """The x86 qconfig: per-output-channel weight fake quants, 7-bit activations (reduce_range)."""
     name, tv, model = x86
@@ -263,6 +279,7 @@ def test_x86_training_steps(x86, batches):
 
 if FULL:  # ~30 s more; the backward code is the same as qnnpack's, checked by default
 
+    @needs_avx2
     def test_x86_gradients(x86, batches):
         _check_gradients(*x86, "x86", batches[2])
 
@@ -316,6 +333,7 @@ def _check_gradients(name: str, tv: torch.nn.Module, model: qat.QATMobileNetV3, 
     _compare_state(tv, model)
 
 
+@needs_avx2
 def test_mapping_errors_name_the_key(qnnpack):
     name, tv, model = qnnpack
     sd = dict(tv.state_dict())
@@ -335,3 +353,199 @@ def test_mapping_errors_name_the_key(qnnpack):
         WeightMappingError, match=r"unexpected key 'features\.0\.0\.weight_fake_quant\.bogus'"
     ):
         load_qat_state_dict(fresh, extra)
+
+
+# ------------------------------------------------------------------------------------------------
+# Default ("xla") numerics, on any CPU: every layer fed torch's input
+#
+# With XLA's summation order a value on a rounding boundary lands on the neighbouring quantization
+# step, and through a whole network such flips multiply (an SE gate one step off moves a whole
+# channel). So each layer with an output fake quant (conv-BN, SE conv, linear, hardswish,
+# hardsigmoid, QuantStub, the add / multiply) is run on the input torch's layer received: its output
+# may then differ from torch's by at most one step, and only on a few values; the observers and
+# BatchNorm statistics, which see the same inputs, stay within rounding of torch's.
+
+XLA_STEPS_IDENTICAL = 0.999  # fraction of every layer's output on the same quantization step
+XLA_STATE_TOL = 1e-5  # observers' running min / max, scales, BatchNorm statistics (relative)
+
+
+def _fake_quant_layers(tv: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every layer whose output torch fake-quantizes, in module order; for a
+    FloatFunctional, its output fake quant (the add / multiply happens before it)."""
+    layers = []
+    for name, module in tv.named_modules():
+        child = getattr(module, "activation_post_process", None)
+        if child is None or name.endswith("weight_fake_quant") or not hasattr(child, "scale"):
+            continue
+        functional = isinstance(module, torch.ao.nn.quantized.FloatFunctional)
+        layers.append((f"{name}.activation_post_process", child) if functional else (name, module))
+    return layers
+
+
+def _jax_layer(model: qat.QATMobileNetV3, name: str) -> nnx.Module:
+    """The port's module for a torch module name (ConvNormActivation's ``0`` / ``2`` are ``conv`` /
+    ``act``; the classifier's ``0`` / ``1`` / ``3`` have names)."""
+    parts = name.split(".")
+    if parts[0] == "classifier":
+        return {"0": model.classifier_hidden, "1": model.classifier_act, "3": model.classifier_out}[parts[1]]
+    node = model
+    for part in parts:
+        if isinstance(node, qat.layers.ConvNormActivation):
+            node = node.conv if part == "0" else node.act
+        elif part.isdigit():
+            node = node[int(part)]
+        else:
+            node = getattr(node, part)
+    return node
+
+
+def _to_jax(t: torch.Tensor) -> jnp.ndarray:
+    value = t.detach().numpy()
+    return jnp.asarray(np.ascontiguousarray(value.transpose(0, 2, 3, 1) if value.ndim == 4 else value))
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    value = t.detach().numpy().astype(np.float64)
+    return value.transpose(0, 2, 3, 1) if value.ndim == 4 else value
+
+
+def _torch_layer_run(tv: torch.nn.Module, x: torch.Tensor, *, grad_labels=None) -> dict:
+    """torch's forward (and, with labels, cross-entropy backward): per layer its input, output,
+    output step and (with labels) output gradient."""
+    records: dict = {}
+
+    # Copies, the input taken before the layer runs: torchvision's hardswish works in place.
+    def pre_hook(name):
+        def record(module, inputs):
+            records[name] = {"input": inputs[0].detach().clone()}
+
+        return record
+
+    def hook(name):
+        def record(module, inputs, output):
+            records[name]["output"] = output.detach().clone()
+            if grad_labels is not None and output.requires_grad:
+                output.register_hook(lambda g: records[name].__setitem__("grad", g))
+
+        return record
+
+    layers = _fake_quant_layers(tv)
+    handles = [module.register_forward_pre_hook(pre_hook(name)) for name, module in layers]
+    handles += [module.register_forward_hook(hook(name)) for name, module in layers]
+    try:
+        with quiet_quantization(), torch.set_grad_enabled(grad_labels is not None):
+            logits = tv(x)
+            if grad_labels is not None:
+                tv.zero_grad()
+                torch.nn.functional.cross_entropy(logits, torch.from_numpy(grad_labels).long()).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Only a strided block's skip_add is never called.
+    assert all("skip_add" in name for name, _ in layers if name not in records)
+    for name, module in layers:
+        if name in records:
+            functional = name.endswith("activation_post_process")
+            fake_quant = module if functional else module.activation_post_process
+            records[name]["step"] = float(fake_quant.scale.reshape(-1)[0])
+    return records
+
+
+def _xla_step(tv: torch.nn.Module, model: qat.QATMobileNetV3, x: torch.Tensor, label: str) -> None:
+    """One forward on both sides, every port layer on torch's input; outputs and state checked."""
+    records = _torch_layer_run(tv, x)
+    worst_identical, worst_steps, worst_name = 1.0, 0.0, ""
+    for name, rec in records.items():
+        got = np.asarray(_jax_layer(model, name)(_to_jax(rec["input"])), np.float64)
+        want = _to_numpy(rec["output"])
+        steps = np.abs(np.round(got / rec["step"]) - np.round(want / rec["step"]))
+        identical = float(np.mean(steps == 0))
+        if identical < worst_identical:
+            worst_identical, worst_name = identical, name
+        worst_steps = max(worst_steps, float(steps.max()))
+        assert steps.max() <= 1 and identical >= XLA_STEPS_IDENTICAL, (name, identical, steps.max())
+    state = _state_errors(tv, model)
+    print(
+        f"\n{label}: {len(records)} layers, worst {worst_identical:.6f} of values on torch's step "
+        f"({worst_name}), max {worst_steps:.0f} step; state: "
+        + ", ".join(f"{kind} {err:.1e}" for kind, err in sorted(state.items()))
+    )
+
+
+def _state_errors(tv: torch.nn.Module, model: qat.QATMobileNetV3) -> dict[str, float]:
+    """Worst relative error per kind of state tensor (integers: largest difference), checked."""
+    want = convert_to_jax(qat_tensors(tv.state_dict()), model, QAT_MOBILENET_V3_RULES)
+    got = model_variables(model)
+    worst: dict[str, float] = {}
+    for path, ref in want.items():
+        value = np.asarray(got[path].get_value())
+        kind = str(path[-1])
+        if value.dtype.kind != "f":
+            err = float(np.max(np.abs(value.astype(np.int64) - ref.astype(np.int64)), initial=0))
+            # A zero point moves by one where the observed range sits on a rounding boundary.
+            assert err <= (1 if kind == "zero_point" else 0), format_path(path)
+        else:
+            same = np.array_equal(value, ref.astype(value.dtype))  # also the never-observed +-inf
+            err = 0.0 if same else _relative(value, ref)
+            assert err <= XLA_STATE_TOL, f"{format_path(path)}: {err:.2e}"
+        worst[kind] = max(worst.get(kind, 0.0), err)
+    return worst
+
+
+@pytest.fixture(scope="module", params=["qnnpack", "x86"])
+def xla_pair(request, batches):
+    """(engine, torch model, port with the default numerics); the tests below run in order on it."""
+    return (request.param, *_pair(_kwargs("small"), request.param, batches[0], numerics="xla"))
+
+
+def test_xla_training_eval_and_frozen_steps(xla_pair, batches):
+    """Three training steps, an eval step (observers on), then a training step with observers off
+    and BatchNorm frozen: the recipe's sequence."""
+    engine, tv, model = xla_pair
+    for i, x in enumerate(batches):
+        _xla_step(tv, model, x, f"{engine} xla, training step {i + 1}")
+    tv.eval()
+    model.eval()
+    try:
+        _xla_step(tv, model, batches[1], f"{engine} xla, eval mode")
+    finally:
+        tv.train()
+        model.train()
+    tv.apply(torch.ao.quantization.disable_observer)
+    tv.apply(torch.ao.nn.intrinsic.qat.freeze_bn_stats)
+    model.disable_observer()
+    model.freeze_bn_stats()
+    _xla_step(tv, model, batches[0], f"{engine} xla, observers off, BatchNorm frozen")
+
+
+def test_xla_gradients(xla_pair, batches):
+    """Each layer's parameter gradients for torch's output gradient (a cross-entropy loss), on
+    torch's input: within GRAD_TOL of the tensor's largest gradient (floored as above)."""
+    engine, tv, model = xla_pair
+    records = _torch_layer_run(tv, batches[1], grad_labels=np.arange(BATCH) * 7)
+    paths = {id(module): path for path, module in model.iter_modules()}
+    got: dict = {}
+    for name, rec in records.items():
+        layer = _jax_layer(model, name)
+        if not nnx.state(layer, nnx.Param) or "grad" not in rec:
+            continue
+        x, g = _to_jax(rec["input"]), _to_jax(rec["grad"])
+        grads = nnx.grad(lambda m, x=x, g=g: jnp.sum(m(x) * g))(nnx.clone(layer))
+        for sub, value in nnx.to_flat_state(grads):
+            got[(*paths[id(layer)], *sub)] = np.asarray(value.get_value(), np.float64)
+    want = convert_to_jax(
+        {k: p.grad for k, p in tv.named_parameters() if p.grad is not None},
+        model,
+        QAT_MOBILENET_V3_RULES,
+        strict=False,
+    )
+    assert set(want) <= set(got), sorted(set(want) - set(got))[:5]
+    largest = max(float(np.max(np.abs(ref))) for ref in want.values())
+    worst, worst_path = 0.0, ""
+    for path, ref in want.items():
+        scale = max(float(np.max(np.abs(ref))), GRAD_FLOOR * largest)
+        rel = float(np.max(np.abs(got[path] - ref))) / scale
+        assert rel <= GRAD_TOL, f"{format_path(path)}: {rel:.2e}"
+        if rel > worst:
+            worst, worst_path = rel, format_path(path)
+    print(f"\n{engine} xla: {len(want)} parameter gradients by layer, worst {worst:.2e} ({worst_path})")
