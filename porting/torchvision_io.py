@@ -1,15 +1,19 @@
 """torchvision checkpoints <-> mbv3_jax models.
 
 ``load_torchvision(name, weights, **kwargs)`` accepts a ``.pth`` path (a state_dict, or a training
-checkpoint holding one under "model" as torchvision's reference scripts save it), an in-memory
+checkpoint holding one under "model" as torchvision's reference scripts save it, or under another
+``checkpoint_key`` such as their EMA weights' "model_ema"), a ``.safetensors`` file, an in-memory
 state_dict, or a torchvision weights name ("IMAGENET1K_V1", "DEFAULT",
 "MobileNet_V3_Large_Weights.IMAGENET1K_V2", or the enum itself) resolved through torchvision's
-weights API and torch's hub cache. Files are read with ``torch.load(weights_only=True)``: a
-checkpoint never executes code.
+weights API and torch's hub cache. The state_dict of a wrapped model is unwrapped: DDP's and
+AveragedModel's ``module.`` and torch.compile's ``_orig_mod.`` prefixes, and AveragedModel's
+``n_averaged`` counter. Files are read with ``torch.load(weights_only=True)`` (plus
+``argparse.Namespace``, which the reference scripts save as "args"): a checkpoint never executes code.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import os
@@ -191,11 +195,15 @@ def _fcn_mobilenet_v3_large(num_classes: int = 21, aux_loss: bool = False) -> to
     return FCN(backbone, FCNHead(features[out_pos].out_channels, num_classes), aux)
 
 
+# Names that are files even where they do not exist (then: FileNotFoundError, not "unknown weights").
+_FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
 def _weights_enum(name: str, weights: Any) -> torchvision.models.WeightsEnum | None:
     """Resolve a weights name or enum for model ``name``; None if ``weights`` is not a name."""
     if isinstance(weights, torchvision.models.WeightsEnum):
         return weights
-    if not isinstance(weights, str) or os.path.exists(weights) or weights.endswith((".pth", ".pt")):
+    if not isinstance(weights, str) or os.path.exists(weights) or weights.endswith(_FILE_SUFFIXES):
         return None
     enum_cls = torchvision.models.get_model_weights(name)
     member = weights.split(".")[-1]
@@ -213,7 +221,7 @@ def _weights_enum(name: str, weights: Any) -> torchvision.models.WeightsEnum | N
 def _is_weights_name(weights: Any) -> bool:
     if isinstance(weights, torchvision.models.WeightsEnum):
         return True
-    return isinstance(weights, str) and not os.path.exists(weights) and not weights.endswith((".pth", ".pt"))
+    return isinstance(weights, str) and not os.path.exists(weights) and not weights.endswith(_FILE_SUFFIXES)
 
 
 def hub_cache_file(weights: torchvision.models.WeightsEnum) -> Path:
@@ -221,51 +229,174 @@ def hub_cache_file(weights: torchvision.models.WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
 
-def read_checkpoint(path: str | os.PathLike, checkpoint_key: str = "model") -> dict[str, torch.Tensor]:
-    """A state_dict from a ``.pth`` file, safely (``weights_only=True``)."""
+# Globals a training checkpoint may hold besides tensors and plain containers, allowed for one load:
+# torchvision's reference scripts save their command line as "args", an argparse.Namespace (plain data;
+# the weights-only unpickler creates it without running its __init__).
+CHECKPOINT_SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+# What wrappers put before every key of the wrapped model's state_dict: DistributedDataParallel and
+# AveragedModel (torch.optim.swa_utils; torchvision's ExponentialMovingAverage) "module.",
+# torch.compile's OptimizedModule "_orig_mod.". Nested wrappers stack them in any order.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_checkpoint(path: str | os.PathLike, checkpoint_key: str | None = None) -> dict[str, torch.Tensor]:
+    """A state_dict from a ``.pth`` (``torch.load(weights_only=True)``) or ``.safetensors`` file; see
+    :func:`state_dict_from` for ``checkpoint_key`` and the wrappers it unwraps."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    obj = _load_safetensors(path) if _is_safetensors(path) else _torch_load(path)
+    return state_dict_from(obj, checkpoint_key, source=str(path))
+
+
+def _torch_load(path: Path) -> Any:
+    # Allow the extra globals for this load only, and leave a caller's own allowlist as it was.
+    extra = [g for g in CHECKPOINT_SAFE_GLOBALS if g not in torch.serialization.get_safe_globals()]
     try:
-        with warnings.catch_warnings():  # torch's own TypedStorage notice when it rebuilds quantized tensors
+        with warnings.catch_warnings(), torch.serialization.safe_globals(extra):
+            # torch's own TypedStorage notice when it rebuilds quantized tensors
             warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, pickle with code, not a torch file, ...
         raise CheckpointError(
             f"could not read {path} as a torch checkpoint (truncated, corrupt, or it needs code to be "
             f"executed, which weights_only=True refuses): {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from e
-    return state_dict_from(obj, checkpoint_key, source=str(path))
 
 
-def state_dict_from(obj: Any, checkpoint_key: str = "model", source: str = "checkpoint") -> dict[str, Any]:
-    """Accept a state_dict or a training checkpoint dict holding one under ``checkpoint_key``."""
+def _is_safetensors(path: Path) -> bool:
+    """Named ``.safetensors``, or laid out as one: an 8-byte little-endian header size, then the JSON
+    header (a torch zip starts "PK", a legacy torch pickle with its protocol byte 0x80)."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            f"{path} is a safetensors file: reading it needs the 'safetensors' package, part of the torch "
+            "extra (pip install 'mbv3-jax[torch]')",
+            name="safetensors",
+        ) from e
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # truncated, bad header, ...
+        raise CheckpointError(
+            f"could not read {path} as a safetensors file (truncated or corrupt?): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+
+
+def _describe_keys(obj: Mapping[str, Any], limit: int = 12) -> str:
+    keys = list(obj)
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return f"[{shown}{f', ... ({len(keys) - limit} more)' if len(keys) > limit else ''}]"
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def _is_tensor_entry(key: str, value: Any) -> bool:
+    return (hasattr(value, "shape") and hasattr(value, "dtype")) or _is_packed_params_entry(key, value)
+
+
+def state_dict_from(
+    obj: Any, checkpoint_key: str | None = None, source: str = "checkpoint"
+) -> dict[str, Any]:
+    """The state_dict in ``obj``: ``obj[checkpoint_key]``, or with ``checkpoint_key=None`` ``obj["model"]``
+    where that is a mapping (a training checkpoint of torchvision's reference scripts), else ``obj``.
+
+    The state_dict of a wrapped model is unwrapped: a prefix of :data:`WRAPPER_PREFIXES` carried by
+    every key is stripped (repeatedly, any order), and an AveragedModel's ``n_averaged`` counter (beside
+    keys that all start with "module.") is dropped. Raises :class:`CheckpointError` naming the keys
+    when ``checkpoint_key`` is not there or the selection is not a state_dict."""
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{source}: expected a state_dict (a mapping of tensors), got {type(obj).__name__}"
         )
-    if checkpoint_key in obj and isinstance(obj[checkpoint_key], Mapping):
-        obj = obj[checkpoint_key]
-    bad = [
-        k
-        for k, v in obj.items()
-        if not ((hasattr(v, "shape") and hasattr(v, "dtype")) or _is_packed_params_entry(k, v))
-    ]
+    if checkpoint_key is not None:
+        if checkpoint_key not in obj:
+            if obj and all(_is_tensor_entry(k, v) for k, v in obj.items()):
+                raise CheckpointError(
+                    f"{source}: checkpoint_key={checkpoint_key!r} was given, but this is a plain state_dict "
+                    f"({len(obj)} tensors: {_describe_keys(obj, 3)}): leave checkpoint_key out"
+                )
+            raise CheckpointError(
+                f"{source}: checkpoint_key={checkpoint_key!r} is not in the checkpoint; its keys: "
+                f"{_describe_keys(obj)}"
+            )
+        selected = obj[checkpoint_key]
+        if not isinstance(selected, Mapping):
+            raise CheckpointError(
+                f"{source}: checkpoint_key={checkpoint_key!r} holds {_a(type(selected).__name__)}, not a "
+                f"state_dict; the checkpoint's keys: {_describe_keys(obj)}"
+            )
+        obj, where = selected, f"{source}[{checkpoint_key!r}]"
+    elif isinstance(obj.get("model"), Mapping):
+        obj, where = obj["model"], f"{source}['model']"
+    else:
+        where = source
+    bad = [k for k, v in obj.items() if not _is_tensor_entry(k, v)]
     if bad:
+        if where != source:
+            raise CheckpointError(f"{where}: entries {bad[:5]} are not tensors; not a state_dict")
+        candidates = [k for k, v in obj.items() if isinstance(v, Mapping)]
         raise CheckpointError(
-            f"{source}: entries {bad[:5]} are not tensors; a training checkpoint should hold the "
-            f"state_dict under {checkpoint_key!r} (keys found: {list(obj)[:8]})"
+            f"{source}: entries {bad[:5]} are not tensors; a training checkpoint holds the state_dict "
+            f"under a key: pass it as checkpoint_key (keys holding a mapping: {candidates}; all keys: "
+            f"{_describe_keys(obj)})"
         )
-    keys = list(obj)
-    # Saved from a DistributedDataParallel wrapper: strip its "module." prefix.
-    if keys and all(k.startswith("module.") for k in keys):
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    metadata = getattr(obj, "_metadata", None)
+    return _unwrap(obj, where)
+
+
+def _unwrap(state_dict: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Strip wrapper prefixes and AveragedModel's counter (see :func:`state_dict_from`), keeping torch's
+    per-module versions (``_metadata``, which loading a QAT checkpoint into torch reads) in step."""
+    metadata = getattr(state_dict, "_metadata", None)
+    out: dict[str, Any] = dict(state_dict)
+    others = [k for k in out if k != "n_averaged"]
+    if "n_averaged" in out and others and all(k.startswith("module.") for k in others):
+        del out["n_averaged"]  # AveragedModel's counter; the averaged model is under "module."
+    while out:
+        for prefix in WRAPPER_PREFIXES:
+            carrying = [k for k in out if k.startswith(prefix)]
+            if len(carrying) == len(out):
+                out = {k[len(prefix) :]: v for k, v in out.items()}
+                if metadata is not None:
+                    metadata = _strip_metadata(metadata, prefix)
+                break
+            if carrying:
+                without = next(k for k in out if not k.startswith(prefix))
+                raise CheckpointError(
+                    f"{source}: some keys carry the wrapper prefix {prefix!r} (e.g. {carrying[0]!r}) and "
+                    f"some do not (e.g. {without!r}); a wrapped model's state_dict has it on every key"
+                )
+        else:
+            break
     if metadata is None:
-        return dict(obj)
-    # Keep torch's per-module versions: loading a QAT checkpoint into torch reads them.
-    out = collections.OrderedDict(obj)
-    out._metadata = metadata  # type: ignore[attr-defined]
+        return out
+    result = collections.OrderedDict(out)
+    result._metadata = metadata  # type: ignore[attr-defined]
+    return result
+
+
+def _strip_metadata(metadata: Mapping[str, Any], prefix: str) -> collections.OrderedDict[str, Any]:
+    """State_dict ``_metadata`` (module path -> version) of the wrapped module: the wrapper's own entry
+    ("") is dropped, the wrapped module's (``prefix`` less its dot) becomes the root."""
+    name = prefix[:-1]
+    out: collections.OrderedDict[str, Any] = collections.OrderedDict()
+    for key, value in metadata.items():
+        if key == name:
+            out[""] = value
+        elif key.startswith(prefix):
+            out[key[len(prefix) :]] = value
     return out
 
 
@@ -277,7 +408,7 @@ def _is_packed_params_entry(key: str, value: Any) -> bool:
 
 
 def resolve_weights(
-    name: str, weights: Any, checkpoint_key: str = "model", progress: bool = True
+    name: str, weights: Any, checkpoint_key: str | None = None, progress: bool = True
 ) -> tuple[dict[str, Any], torchvision.models.WeightsEnum | None, str]:
     """(state_dict, weights enum or None, description of the source) for any accepted ``weights``."""
     if isinstance(weights, Mapping):
@@ -332,7 +463,7 @@ def load_torchvision(
     weights: Any = None,
     *,
     weights_backbone: Any = None,
-    checkpoint_key: str = "model",
+    checkpoint_key: str | None = None,
     progress: bool = True,
     **kwargs: Any,
 ) -> nnx.Module:
@@ -341,6 +472,14 @@ def load_torchvision(
     With ``weights=None`` and ``weights_backbone`` (e.g. "IMAGENET1K_V1" for a segmentation
     model), only the backbone is loaded, from the classifier's checkpoint, as torchvision's
     builders do; the heads keep their fresh initialisation (for fine-tuning).
+
+    ``checkpoint_key`` picks the state_dict in a training checkpoint (a file or a dict), e.g.
+    "model_ema" for the EMA weights torchvision's reference scripts save beside "model"; by default
+    "model" where the checkpoint has it, else the whole object. A missing key raises
+    :class:`CheckpointError` listing the checkpoint's keys. Wrapped models' state_dicts load as they
+    are saved: DDP's and AveragedModel's "module." and torch.compile's "_orig_mod." prefixes are
+    stripped, AveragedModel's "n_averaged" counter dropped. ``.safetensors`` files are read with
+    the safetensors package.
 
     For DeepLabV3 / FCN, ``aux_loss`` defaults to whether the checkpoint has the auxiliary head.
 
@@ -409,7 +548,7 @@ def load_torchvision(
 
 
 def _load_backbone_only(
-    name: str, weights_backbone: Any, checkpoint_key: str, progress: bool, kwargs: dict[str, Any]
+    name: str, weights_backbone: Any, checkpoint_key: str | None, progress: bool, kwargs: dict[str, Any]
 ) -> nnx.Module:
     if name not in BACKBONES:
         raise ValueError(f"{name} has no separate backbone weights; models with one: {sorted(BACKBONES)}")

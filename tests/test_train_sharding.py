@@ -42,7 +42,10 @@ from train.metrics import TIMING_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
-REL_TOL = 1e-5  # max |a - b| <= REL_TOL * max |a|, per tensor
+# max |a - b| <= REL_TOL * max |a|, per tensor: float64 runs differ only in the order of their reductions
+# (measured up to 1.3e-12 after 20 steps), so a wrong reduction (e.g. per-device BatchNorm statistics)
+# is far above this.
+REL_TOL = 1e-10
 
 RUN_ARGS = [
     "--config", "digits",
