@@ -96,6 +96,9 @@ def test_rpn_proposals(name, kwargs, det_photos):
     assert np.asarray(batch).shape == ref_batch.shape
     assert np.max(np.abs(np.asarray(batch) - ref_batch)) <= 1e-5 * np.max(np.abs(ref_batch))
     out = model.rpn_proposals(batch, sizes)
+    # torchvision's RPN calls batched NMS once per image: the checks below cover every image.
+    assert len(captured) == len(images) == len(tv_proposals) == len(out["num_proposals"])
+    assert all(len(boxes_t) > 0 for boxes_t, _, _ in captured)
     for i, (boxes_t, scores_t, _) in enumerate(captured):
         valid = np.asarray(out["candidate_valid"][i])
         boxes_j = np.asarray(out["candidates"][i])[valid]

@@ -28,8 +28,12 @@ def test_checkpoint_of_another_model_names_key_and_shapes(small_state_dict):
         load_torchvision("mobilenet_v3_large", small_state_dict)
     msg = str(e.value)
     assert "does not fit mobilenet_v3_large" in msg
-    assert "shape mismatch for key 'features.1.block.0.0.weight'" in msg or "shape mismatch for key" in msg
-    assert "expects" in msg and "checkpoint (" in msg
+    # Small's first block has an SE module Large's lacks; its second block expands to 72, Large's to 64.
+    assert "key 'features.1.block.1.fc1.weight' maps to features.1.block.1.fc1.kernel, which this" in msg
+    assert (
+        "shape mismatch for key 'features.2.block.0.0.weight': checkpoint (72, 16, 1, 1)" in msg
+        and "model features.2.block.0.conv.kernel expects (1, 1, 16, 64)" in msg
+    )
 
 
 @needs_torch
