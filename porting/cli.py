@@ -13,6 +13,7 @@ import torch
 
 import mbv3_jax
 from mbv3_jax import transforms
+from mbv3_jax.checkpoint import check_target
 from mbv3_jax.models import list_models
 from porting.calibration import (
     PHOTO_NAMES,
@@ -280,11 +281,20 @@ def port_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--weights",
         required=True,
-        help="a .pth file (state_dict or training checkpoint) "
+        help="a .pth / .safetensors file (state_dict or training checkpoint) "
         "or a torchvision weights name such as IMAGENET1K_V1 / DEFAULT",
     )
+    parser.add_argument(
+        "--checkpoint-key",
+        help='the entry of a training checkpoint that holds the state_dict, e.g. "model_ema" for the EMA '
+        'weights of torchvision\'s reference scripts (default: "model" where present, else the whole file)',
+    )
     parser.add_argument("--out", required=True, help="directory to write (orbax checkpoint + architecture)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if it holds a model saved before (nothing else: any other directory is refused)",
+    )
     parser.add_argument("--check", action="store_true", help="print the parity report against torchvision")
     _add_builder_options(parser)
     args = parser.parse_args(argv)
@@ -292,7 +302,8 @@ def port_main(argv: list[str] | None = None) -> int:
         parser.error(f"--check: {QUANTIZED_PARITY_HINT}")
     kwargs = _builder_kwargs(args)
     try:
-        state_dict, enum, source = resolve_weights(args.name, args.weights)
+        check_target(args.out, overwrite=args.overwrite)  # before converting
+        state_dict, enum, source = resolve_weights(args.name, args.weights, args.checkpoint_key)
         if enum is not None:
             kwargs.setdefault("num_classes", len(enum.meta["categories"]))
         model = load_torchvision(args.name, state_dict, **kwargs)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from mbv3_jax.checkpoint import read_architecture, save
+from mbv3_jax.checkpoint import check_target, read_architecture, save
 from mbv3_jax.models import build_from_architecture, qat
 from train import checkpointing
 from train.metrics import read_csv
@@ -50,10 +50,10 @@ def average_checkpoints(
     overwrite: bool = False,
 ) -> tuple[Path, list[int]]:
     """Average params and BatchNorm statistics of ``steps`` (default: the last ``num`` improving
-    checkpoints still on disk) and save the model with :func:`mbv3_jax.save`."""
+    checkpoints still on disk) and save the model with :func:`mbv3_jax.save`. ``out`` may not be, contain
+    or lie inside ``workdir``; ``overwrite`` replaces only a model saved there before."""
     workdir = Path(workdir)
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    check_target(out, overwrite=overwrite, protect=[workdir])  # before any work
     architecture = read_architecture(workdir)
     model = build_from_architecture(architecture)
     if isinstance(model, qat.QATMobileNetV3):
@@ -84,7 +84,7 @@ def average_checkpoints(
         stats.append(state["batch_stats"])
     set_model_state(model, average_trees(params), average_trees(stats))
     model.eval()
-    return save(model, out, overwrite=overwrite), list(steps)
+    return save(model, out, overwrite=overwrite, protect=[workdir]), list(steps)
 
 
 def set_model_state(model: nnx.Module, params: Any, batch_stats: Any) -> None:

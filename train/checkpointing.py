@@ -3,12 +3,24 @@
 A checkpoint ``workdir/checkpoints/<step>/`` holds two items: ``state`` (params, BatchNorm statistics,
 optimizer state, step, dropout RNG key, EMA) and ``meta`` (JSON: step, epoch, data position and seed,
 eval metrics). orbax writes to a temporary directory and renames it when complete, so a process killed
-mid-save leaves the previous checkpoints intact.
+mid-save leaves the previous checkpoints intact; the trainer's manager deletes such leftovers.
+
+The workdir itself (:func:`setup_workdir`): one ``mbv3-train`` process (group) at a time, held by an
+``fcntl.flock`` on ``workdir/.mbv3-train.lock`` (pid and host inside), which the OS releases when the
+process ends, killed or not. A new run never writes over files it did not write: a directory that
+holds any of :data:`RUN_FILES` but no run's ``config.json`` is refused. Resuming with other
+hyperparameters than ``config.json``'s is refused, naming the fields, unless allowed; the replaced
+configuration is then appended to ``config_history.jsonl``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
+import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +55,11 @@ def make_manager(
     keep_best: int = 3,
     async_save: bool = True,
     create: bool = True,
+    cleanup_tmp: bool = False,
 ) -> ocp.CheckpointManager:
-    """A manager that keeps the ``keep_last`` latest checkpoints and the ``keep_best`` best by top-1."""
+    """A manager that keeps the ``keep_last`` latest checkpoints and the ``keep_best`` best by top-1;
+    ``cleanup_tmp``: delete the temporary directories of saves killed mid-way (only while holding the
+    workdir's lock: else they may be a running trainer's saves in progress)."""
     _register_array_handler()
     directory = checkpoint_dir(workdir)
     if not create and not directory.is_dir():
@@ -63,6 +78,7 @@ def make_manager(
         preservation_policy=policies.AnyPreservationPolicy(keep),
         enable_async_checkpointing=async_save,
         create=create,
+        cleanup_tmp_directories=cleanup_tmp,
     )
     return ocp.CheckpointManager(directory, item_names=("state", "meta"), options=options)
 
@@ -123,3 +139,196 @@ def restore_host(workdir: str | os.PathLike, step: int | None = None) -> tuple[A
     finally:
         manager.close()
     return state, dict(restored["meta"]), step
+
+
+# --------------------------------------------------------------------------------------------------
+# The workdir: one process at a time, a user's files never overwritten, configuration changes on demand
+# --------------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".mbv3-train.lock"
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "config_history.jsonl"
+# What mbv3-train writes in a workdir: a new run refuses a directory holding any of them.
+RUN_FILES = (
+    CONFIG_FILE, HISTORY_FILE, "architecture.json", "metrics.csv", "metrics.png", "tensorboard",
+    "checkpoints",
+)  # fmt: skip
+# Fields that say where and how a run executes, not what it computes: they may change on resume.
+RUNTIME_FIELDS = (
+    "workdir", "name", "tensorboard", "plot", "train.progress", "train.log_every_steps",
+    "train.eval_batch", "data.data_dir", "data.worker_count", "mesh.", "distributed.", "checkpoint.",
+)  # fmt: skip
+
+
+class WorkdirError(ValueError):
+    """A workdir that mbv3-train may not use as asked: in use, not a run's, a configuration change."""
+
+
+class WorkdirLock:
+    """An exclusive, non-blocking ``fcntl.flock`` on ``workdir/.mbv3-train.lock``; the file records the
+    holder (pid, host, since). The OS releases the lock when the holder exits or is killed."""
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = Path(workdir).absolute() / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> WorkdirLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WorkdirError(
+                f"{self.path.parent} is in use by another mbv3-train ({self.holder()}): one run per workdir; "
+                "wait for it to finish or stop it, or pass another --workdir"
+            ) from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def holder(self) -> str:
+        try:
+            h = json.loads(self.path.read_text())
+            return f"process {h['pid']} on {h['host']}, since {h['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"lock {self.path}"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted field: (old, new)}`` for every field of both configurations whose value differs (a
+    field one of them lacks is skipped: it did not exist in that version of the trainer)."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
+
+
+def _is_run_config(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"model", "data", "optim", "train"} <= data.keys()
+
+
+def has_checkpoints(workdir: str | os.PathLike) -> bool:
+    directory = checkpoint_dir(workdir)
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _write_json_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _claim_workdir(workdir: Path, config: dict[str, Any], allow_config_change: bool) -> WorkdirLock:
+    """Process 0's part of :func:`setup_workdir` (raises WorkdirError)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"--workdir {workdir} exists and is not a directory")
+    config_path = workdir / CONFIG_FILE
+    if config_path.exists() and not _is_run_config(config_path):
+        raise WorkdirError(
+            f"{config_path} is not a mbv3-train configuration: {workdir} is not a run's workdir, and "
+            "mbv3-train does not write over files it did not write; pass another --workdir"
+        )
+    if not config_path.exists() and workdir.is_dir():
+        clash = [n for n in RUN_FILES if os.path.lexists(workdir / n)]
+        if clash:
+            raise WorkdirError(
+                f"{workdir} holds {clash} but no run's {CONFIG_FILE}: not a mbv3-train workdir, and a new "
+                "run would write over them; pass another --workdir"
+            )
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = WorkdirLock(workdir).acquire()
+    try:
+        if config_path.exists():  # read again under the lock
+            old = json.loads(config_path.read_text())
+            changes = config_changes(old, config)
+            if not changes:
+                return lock
+            gated = {k: v for k, v in changes.items() if not k.startswith(RUNTIME_FIELDS)}
+            if gated and has_checkpoints(workdir) and not allow_config_change:
+                listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in gated.items())
+                raise WorkdirError(
+                    f"{workdir} holds a run trained with another configuration; resuming it with this one "
+                    f"would change {listed}. Pass --allow-config-change to resume with the new values "
+                    f"(the old configuration is kept in {HISTORY_FILE}), or pass another --workdir"
+                )
+            entry = {"replaced": _now(), "changes": {k: list(v) for k, v in changes.items()}, "config": old}
+            with open(workdir / HISTORY_FILE, "a") as f:
+                f.write(json.dumps(entry, sort_keys=True) + "\n")
+        _write_json_atomic(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def broadcast_error(message: str | None) -> str | None:
+    """Process 0's error message (or None) on every process, so that all of them stop together."""
+    if jax.process_count() == 1:
+        return message
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros(4097, np.int32)
+    if message is not None:
+        encoded = message.encode()[:4096]
+        buf[0] = 1 + len(encoded)
+        buf[1 : 1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+    buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+    if buf[0] == 0:
+        return None
+    return bytes(buf[1 : buf[0]].astype(np.uint8)).decode(errors="replace")
+
+
+def setup_workdir(
+    workdir: str | os.PathLike, config: dict[str, Any], *, allow_config_change: bool = False
+) -> contextlib.AbstractContextManager[WorkdirLock | None]:
+    """Claim ``workdir`` for a run of ``config`` (``TrainConfig.to_dict()``): process 0 checks it is
+    new, empty or a run's workdir, takes its lock, checks the configuration against ``config.json``
+    (a change to other than :data:`RUNTIME_FIELDS` needs ``allow_config_change`` once the run has
+    checkpoints) and writes it. Every process raises the same WorkdirError when process 0 refuses.
+    Use as ``with setup_workdir(...):``; the lock is released on leaving."""
+    workdir = Path(workdir).absolute()
+    lock, failure, message = None, None, None
+    if jax.process_index() == 0:
+        try:
+            lock = _claim_workdir(workdir, json.loads(json.dumps(config)), allow_config_change)
+        except Exception as e:  # any failure: the other processes must hear of it, not wait forever
+            failure = e
+            message = str(e) if isinstance(e, WorkdirError) else f"cannot use --workdir {workdir}: {e!r}"
+    message = broadcast_error(message)
+    if message is not None:
+        if lock is not None:
+            lock.release()
+        raise WorkdirError(message) from failure
+    return _released_on_exit(lock)
+
+
+@contextlib.contextmanager
+def _released_on_exit(lock: WorkdirLock | None):
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()

@@ -21,7 +21,10 @@ Any configuration field can be overridden: --section.field=value (or --section.f
   mbv3-train --config digits --model.init weights.pth      (fine-tune from torchvision weights)
   mbv3-train --config qat --model.init mobilenet_v3_large.pth   (quantization-aware training)
 Sections: model, qat, data, optim, train, mesh, checkpoint, distributed; top level: name, workdir,
-tensorboard, plot. Re-running with the same --workdir resumes from its latest checkpoint."""
+tensorboard, plot. Re-running with the same --workdir resumes from its latest checkpoint; with other
+hyperparameters than the run's config.json only given --allow-config-change (the old configuration is
+appended to WORKDIR/config_history.jsonl). One mbv3-train at a time per workdir. A non-finite training
+loss stops the run (exit status 1); its checkpoints all predate that step."""
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -36,6 +39,11 @@ def train_main(argv: list[str] | None = None) -> int:
         "--config", default="torchvision", help=f"a configuration file, or one of {available_configs()}"
     )
     parser.add_argument("--print-config", action="store_true", help="print the configuration and exit")
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a workdir whose config.json has other hyperparameters (kept in config_history.jsonl)",
+    )
     args, rest = parser.parse_known_args(argv)
     try:
         config = apply_overrides(load_config(args.config), rest)
@@ -45,10 +53,13 @@ def train_main(argv: list[str] | None = None) -> int:
         print(config.to_json())
         return 0
     from train.data import DataError
-    from train.trainer import run
+    from train.trainer import TrainingDiverged, run
 
     try:
-        result = run(config)
+        result = run(config, allow_config_change=args.allow_config_change)
+    except TrainingDiverged as e:
+        _err(str(e))
+        return 1
     except (DataError, FileNotFoundError, ValueError) as e:
         return _err(str(e))
     if "top1" in result:
@@ -68,7 +79,9 @@ def average_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory to write the averaged model to")
     parser.add_argument("-n", "--num", type=int, default=3, help="how many checkpoints (default 3)")
     parser.add_argument("--steps", type=int, nargs="+", help="average exactly these checkpoint steps instead")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it holds a model saved before (only that)"
+    )
     args = parser.parse_args(argv)
     from train.average import average_checkpoints
 
@@ -110,7 +123,9 @@ def quantize_main(argv: list[str] | None = None) -> int:
         "(with --pth) torchvision's quantized model loaded from that file",
     )
     parser.add_argument("--data-dir", help="TFDS data_dir for --eval (default: the run's)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it holds a model saved before (only that)"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     from train.data import DataError

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mbv3_jax.checkpoint import read_architecture
+from mbv3_jax.checkpoint import check_target, read_architecture
 from mbv3_jax.checkpoint import save as save_model
 from mbv3_jax.models import build_from_architecture, qat
 from train import augment, checkpointing, data
@@ -95,9 +95,17 @@ def quantize_run(
     Returns ``{"step", "out", "pth", and with evaluate: "count", "top1_qat", "top1_int8",
     "top1_torch", "int8_torch_disagreements"}``."""
     workdir = Path(workdir)
-    for target in (out, pth):
-        if target is not None and Path(target).exists() and not overwrite:
-            raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+    check_target(out, overwrite=overwrite, protect=[workdir])  # before any work
+    if pth is not None:
+        pth_path = Path(pth)
+        if pth_path.resolve() == workdir.resolve() or workdir.resolve() in pth_path.resolve().parents:
+            raise ValueError(f"refusing to write --pth {pth} inside the run it converts, {workdir}")
+        if os.path.lexists(pth_path) and (not overwrite or not pth_path.is_file() or pth_path.is_symlink()):
+            raise FileExistsError(
+                f"{pth} already exists; pass --overwrite to replace it"
+                if not overwrite
+                else f"refusing to overwrite {pth}: not a regular file"
+            )
     model, step, meta = load_qat_run(workdir, step)
     try:
         qmodel = model.convert(backend)
@@ -105,7 +113,7 @@ def quantize_run(
         raise ValueError(f"{workdir}: {e}") from None
     result: dict[str, Any] = {
         "step": step,
-        "out": str(save_model(qmodel, out, overwrite=overwrite)),
+        "out": str(save_model(qmodel, out, overwrite=overwrite, protect=[workdir])),
         "pth": None,
     }
     tv_model = None

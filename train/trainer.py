@@ -451,21 +451,51 @@ def evaluate(steps: Steps, params: Any, stats: Any, batches: Any) -> dict[str, f
     return {k: v / count for k, v in values.items()} | {"count": count}
 
 
-def run(config: TrainConfig) -> dict[str, Any]:
-    """Train (or resume) as ``config`` says; returns the last evaluation's metrics and the final step."""
+class TrainingDiverged(FloatingPointError):
+    """The training loss became non-finite (NaN or infinite): the run stopped at the step it did."""
+
+
+def check_config(config: TrainConfig) -> None:
+    """Values no run can use, rejected before anything runs (ValueError naming the field)."""
+    o = config.optim
+    if not math.isfinite(o.lr) or o.lr < 0:
+        raise ValueError(f"optim.lr must be a finite number >= 0, got {o.lr}")
+    if not math.isfinite(o.lr_gamma) or o.lr_gamma <= 0:
+        raise ValueError(f"optim.lr_gamma must be a finite number > 0, got {o.lr_gamma}")
+    if not math.isfinite(o.warmup_epochs) or o.warmup_epochs < 0:
+        raise ValueError(f"optim.warmup_epochs must be a finite number >= 0, got {o.warmup_epochs}")
+    if o.reference_batch < 1:
+        raise ValueError(f"optim.reference_batch must be >= 1, got {o.reference_batch}")
+
+
+def run(config: TrainConfig, *, allow_config_change: bool = False) -> dict[str, Any]:
+    """Train (or resume) as ``config`` says; returns the last evaluation's metrics and the final step.
+
+    The workdir is this run's alone while it runs (:func:`train.checkpointing.setup_workdir`);
+    resuming it with hyperparameters other than its ``config.json``'s needs ``allow_config_change``.
+    A non-finite training loss stops the run with :class:`TrainingDiverged`; every checkpoint it
+    leaves was saved before that step.
+    """
     t_start = time.perf_counter()
+    check_config(config)
     if "float64" in (config.model.dtype, config.model.param_dtype):
         jax.config.update("jax_enable_x64", True)
     dist = config.distributed
     sharding.maybe_initialize_distributed(
         dist.coordinator_address, dist.num_processes, dist.process_id, dist.local_device_count
     )
-    cfg_data, cfg_train, cfg_optim = config.data, config.train, config.optim
-    if cfg_data.process_sharding not in ("global", "process"):
+    if config.data.process_sharding not in ("global", "process"):
         raise ValueError(
-            f"data.process_sharding must be 'global' or 'process', got {cfg_data.process_sharding!r}"
+            f"data.process_sharding must be 'global' or 'process', got {config.data.process_sharding!r}"
         )
     workdir = Path(config.workdir).absolute()
+    with checkpointing.setup_workdir(workdir, config.to_dict(), allow_config_change=allow_config_change):
+        return _run(config, workdir, t_start)
+
+
+def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
+    """:func:`run` once the workdir is claimed."""
+    cfg_data, cfg_train, cfg_optim = config.data, config.train, config.optim
     proc, nproc = jax.process_index(), jax.process_count()
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     G = cfg_train.global_batch
@@ -491,6 +521,11 @@ def run(config: TrainConfig) -> dict[str, Any]:
     )
     eval_split = data.open_split(cfg_data.dataset, cfg_data.eval_split, **open_kw)
     num_classes = config.model.num_classes or train_split.num_classes
+    if num_classes < train_split.num_classes:  # labels >= num_classes: a NaN loss at the first such label
+        raise ValueError(
+            f"model.num_classes={num_classes}, but the training data has {train_split.num_classes} classes "
+            f"(labels 0..{train_split.num_classes - 1}); leave model.num_classes unset to use the data's"
+        )
     offset, local = local_batch_offset(mesh, G)
     if cfg_data.process_sharding == "process":
         order = data.GlobalOrder(len(train_split), local, cfg_train.seed + 7919 * proc, cfg_data.shuffle)
@@ -526,6 +561,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         keep_last=config.checkpoint.keep_last,
         keep_best=config.checkpoint.keep_best,
         async_save=config.checkpoint.async_save,
+        cleanup_tmp=True,  # this process holds the workdir's lock: leftovers are from killed runs
     )
     start = 0
     latest = manager.latest_step()
@@ -539,9 +575,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
                 f"{workdir} was trained with global batch {meta['data']['global_batch']}, not {G}"
             )
         _log(f"resumed from {manager.directory / str(latest)} at step {start} (epoch {start / spe:.2f})")
-    if proc == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json() + "\n")
+    if proc == 0:  # config.json: written by checkpointing.setup_workdir
         record = {"format": FORMAT, **model.architecture}
         (workdir / "architecture.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     writer = MetricsWriter(workdir, resume_step=start, tensorboard=config.tensorboard) if proc == 0 else None
@@ -611,6 +645,51 @@ def run(config: TrainConfig) -> dict[str, Any]:
         }
         ranked = {"top1": float(metrics["top1"])} if metrics else None
         checkpointing.save(manager, step, state, meta, ranked)
+        saved.append(step)
+
+    # A non-finite loss stops the run. The check adds no device->host sync to the steps: it reads the
+    # losses where the loop reads them anyway (each log row), and before each evaluation and checkpoint
+    # (which wait for the state regardless) the losses not yet read plus one jitted all-finite reduction
+    # of the parameters, so that no checkpoint holds diverged parameters (a NaN learning rate or
+    # gradient spoils them one step before the loss shows it).
+    saved: list[int] = [start] if start else []
+
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+    def all_finite(tree: Any) -> jax.Array:
+        leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+    def diverged(what: str, lr: float) -> TrainingDiverged:
+        if not math.isfinite(lr) or lr < 0:
+            cause = f"Likely cause: the learning rate, {lr} at this step"
+        else:
+            cause = (
+                f"Likely causes: a learning rate too high for this model and batch ({lr:.3g} at this step: "
+                f"optim.lr {cfg_optim.lr} scaled to the global batch; lower it or add optim.warmup_epochs), "
+                f"labels outside [0, {num_classes}) in the data (the model has {num_classes} classes)"
+            )
+            if config.model.dtype not in ("float32", "float64"):
+                cause += f", an overflow in {config.model.dtype}"
+        kept = (
+            f"The last checkpoint, step {saved[-1]}, predates it and is intact ({manager.directory})"
+            if saved
+            else "No checkpoint was saved"
+        )
+        return TrainingDiverged(f"training diverged: {what}; stopped there. {cause}. {kept}.")
+
+    def check_losses(entries: list[tuple[int, dict[str, jax.Array]]], losses: list[float]) -> None:
+        for (s, o), loss in zip(entries, losses, strict=True):
+            if not math.isfinite(loss):
+                raise diverged(f"the loss of step {s} is {loss}", _scalar(o["lr"]))
+
+    def check_before_save(done: int) -> None:
+        check_losses(pending, [_scalar(o["loss"]) for _, o in pending])
+        # Parameters only: the statistics may hold infinities by design (QAT observers start at +-inf).
+        if not _scalar(all_finite(state["params"])):
+            raise diverged(
+                f"the parameters after step {done} are not finite (the loss was finite so far)",
+                _scalar(out["lr"]),
+            )
 
     bar = tqdm(
         total=total,
@@ -622,7 +701,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         file=sys.stderr,
     )
     last_eval: dict[str, Any] = {}
-    pending: list[dict[str, jax.Array]] = []
+    pending: list[tuple[int, dict[str, jax.Array]]] = []  # (step, outputs) since the last log row
     t_log, n_log = time.perf_counter(), 0
     t0 = time.perf_counter()
     try:
@@ -630,13 +709,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
             images, labels = next(batches)
             x, y = sharding.global_batch(mesh, images, labels)
             state, out = steps.train_step(state, x, y)
-            pending.append(out)
-            n_log += 1
             done = step + 1
+            pending.append((done, out))
+            n_log += 1
             bar.update(1)
             if done % cfg_train.log_every_steps == 0 or done == total:
-                losses = [_scalar(o["loss"]) for o in pending]
-                lr = _scalar(pending[-1]["lr"])
+                losses = [_scalar(o["loss"]) for _, o in pending]
+                check_losses(pending, losses)
+                lr = _scalar(pending[-1][1]["lr"])
                 now = time.perf_counter()
                 ips = n_log * G / max(now - t_log, 1e-9)
                 row = {
@@ -645,7 +725,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
                     "kind": "train",
                     "loss": float(np.mean(losses)),
                     "lr": lr,
-                    "top1": float(np.mean([_scalar(o["accuracy"]) for o in pending])),
+                    "top1": float(np.mean([_scalar(o["accuracy"]) for _, o in pending])),
                     "images_per_s": ips,
                     "time_s": now - t0,
                 }
@@ -654,6 +734,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}", refresh=False)
                 pending, t_log, n_log = [], time.perf_counter(), 0
             if done % eval_every == 0 or done == total:
+                check_before_save(done)
                 last_eval = run_eval(done)
                 if writer:
                     writer.write(last_eval | {"time_s": time.perf_counter() - t0})
@@ -666,6 +747,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
                 save(done, last_eval)
                 t_log, n_log = time.perf_counter(), 0
             elif ckpt_every and done % ckpt_every == 0:
+                check_before_save(done)
                 save(done, None)
     finally:
         bar.close()
