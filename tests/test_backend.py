@@ -93,7 +93,11 @@ CASES = {
         [(1, 320, 320, 3), np.asarray([[320, 320]], np.int32)],
     ),
     "ssdlite": (
-        "ssdlite320_mobilenet_v3_large", dict(num_classes=5), "forward_detect", (), [(1, 320, 320, 3)]
+        "ssdlite320_mobilenet_v3_large",
+        dict(num_classes=5),
+        "forward_detect",
+        (),
+        [(1, 320, 320, 3)],
     ),
 }
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-IGNORE_INDEX = 255  # torchvision's segmentation references mark void pixels with 255
+from mbv3_jax.models.segmentation import IGNORE_INDEX, check_segmentation_labels, labels_out_of_bounds
 
 
 def cross_entropy_ignore(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:
@@ -22,8 +22,13 @@ def cross_entropy_ignore(logits: jax.Array, labels: jax.Array, ignore_index: int
 def segmentation_loss(
     outputs: Mapping[str, jax.Array], labels: jax.Array, aux_weight: float = 0.5
 ) -> jax.Array:
-    """torchvision's references/segmentation criterion: CE(out) + aux_weight * CE(aux) if present."""
+    """torchvision's references/segmentation criterion: CE(out) + aux_weight * CE(aux) if present.
+
+    A label outside [0, C) other than IGNORE_INDEX raises, as torch does, where the labels are
+    concrete; under jit, where no value can raise, it makes the loss NaN (never a silent wrap)."""
+    check_segmentation_labels(outputs["out"], labels, IGNORE_INDEX)
     loss = cross_entropy_ignore(outputs["out"], labels)
     if "aux" in outputs:
         loss = loss + aux_weight * cross_entropy_ignore(outputs["aux"], labels)
-    return loss
+    out_of_bounds = labels_out_of_bounds(labels, outputs["out"].shape[-1], IGNORE_INDEX)
+    return jnp.where(out_of_bounds, jnp.nan, loss)

@@ -9,11 +9,15 @@ conv-BN-activation; QAT: fake-quantized ConvBn with observers; int8: requantizin
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import operator
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mbv3_jax.runtime import List, Module
@@ -275,6 +279,8 @@ def check_images(x: Any, in_channels: int = 3) -> None:
             f"expected float images (normalized, as mbv3_jax.transforms produces), got dtype {dtype}; "
             "convert uint8 photos with a preset from mbv3_jax.transforms"
         )
+    if shape[1] == 0 or shape[2] == 0:
+        raise ValueError(f"expected images of at least 1x1 pixels, got shape {tuple(shape)} (N, H, W, C)")
 
 
 def run_stages(layers: Sequence[nnx.Module], x: jax.Array, stages: tuple[int, ...]) -> dict[int, jax.Array]:
@@ -294,3 +300,83 @@ def stage_indices(table: Sequence[BlockConfig]) -> list[int]:
     has stride > 1 (``_is_cn``), and the last layer."""
     strided = [i + 1 for i, cfg in enumerate(table) if cfg.stride > 1]
     return [0, *strided, len(table) + 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Builder argument checks: every builder (classifiers, segmentation, detection, int8, QAT) and the
+# model classes that take these arguments directly call this one function.
+
+_UNSET: Any = object()
+
+
+def check_builder_args(
+    builder: str,
+    *,
+    num_classes: Any = _UNSET,
+    min_classes: int = 0,
+    dropout: Any = _UNSET,
+    width_mult: Any = _UNSET,
+    dtype: Any = _UNSET,
+    param_dtype: Any = _UNSET,
+) -> dict[str, Any]:
+    """Check the builder arguments that are given and return them normalized: ``num_classes`` a
+    Python int, ``dropout`` and ``width_mult`` Python floats (numpy scalars would not go into the
+    JSON architecture record), dtypes as ``jnp.dtype`` objects ("bfloat16" works as jnp.bfloat16).
+
+    Raises TypeError / ValueError naming ``builder``, the argument and its value, for what
+    torch / torchvision refuse too (in their own words where they have a check: ``nn.Dropout``'s
+    range, ``nn.Module.to``'s floating-point dtypes) or would fail on with an unrelated traceback:
+    ``num_classes`` not an integer or below ``min_classes`` (1 for segmentation, whose heads
+    cannot be initialised without output channels, and for the detectors, whose class 0 is the
+    background; 0 gives a classifier (N, 0) logits, as in torch), ``dropout`` outside [0, 1],
+    ``width_mult`` not a finite number > 0, ``dtype`` (None allowed: the inputs' dtype) or
+    ``param_dtype`` not a floating-point dtype.
+    """
+    out: dict[str, Any] = {}
+    if num_classes is not _UNSET:
+        if isinstance(num_classes, bool | np.bool_) or not isinstance(num_classes, numbers.Integral):
+            raise TypeError(
+                f"{builder}: num_classes should be an integer, got {num_classes!r} "
+                f"({type(num_classes).__name__})"
+            )
+        if num_classes < min_classes:
+            raise ValueError(f"{builder}: num_classes should be >= {min_classes}, got {num_classes}")
+        out["num_classes"] = operator.index(num_classes)
+    if dropout is not _UNSET:
+        p = _real(builder, "dropout", dropout)
+        if not 0.0 <= p <= 1.0:  # nn.Dropout's check and message; NaN is refused too
+            raise ValueError(f"{builder}: dropout probability has to be between 0 and 1, but got {dropout}")
+        out["dropout"] = p
+    if width_mult is not _UNSET:
+        w = _real(builder, "width_mult", width_mult)
+        if not (math.isfinite(w) and w > 0):
+            raise ValueError(f"{builder}: width_mult should be a finite number > 0, got {width_mult}")
+        out["width_mult"] = w
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value is _UNSET or (name == "dtype" and value is None):
+            continue
+        parsed = _as_dtype(value)
+        if parsed is None or not jnp.issubdtype(parsed, jnp.floating):
+            got = parsed.name if parsed is not None else repr(value)
+            raise TypeError(
+                f"{builder}: {name} should be a floating-point dtype (jnp.float32, jnp.bfloat16, ...), "
+                f"got {got}"
+            )
+        out[name] = parsed
+    return out
+
+
+def _real(builder: str, name: str, value: Any) -> float:
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{builder}: {name} should be a number, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def _as_dtype(value: Any) -> np.dtype | None:
+    """``value`` as a dtype, or None where it is not one (None included: np.dtype(None) is float64)."""
+    if value is None:
+        return None
+    try:
+        return jnp.dtype(value)
+    except (TypeError, ValueError):
+        return None

@@ -51,6 +51,7 @@ from mbv3_jax.models.detection_utils import (
     unpad_detections,
 )
 from mbv3_jax.models.mobilenetv3 import (
+    check_builder_args,
     dump_architecture,
     features_out_channels,
     frozen_backbone_filter,
@@ -599,7 +600,15 @@ def _faster_rcnn(builder: str, args: dict[str, Any], defaults: dict[str, Any]) -
     frozen = args.pop("frozen_batchnorm")
     reject_weights(builder, weights, weights_backbone)
     extra = args.pop("kwargs")
-    num_classes = args.pop("num_classes") or 91
+    num_classes = args.pop("num_classes")
+    checked = check_builder_args(
+        builder,
+        num_classes=91 if num_classes is None else num_classes,
+        min_classes=1,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+    num_classes, dtype, param_dtype = checked["num_classes"], checked.get("dtype"), checked["param_dtype"]
     trainable = args.pop("trainable_backbone_layers")
     check_builder_options(builder, extra, FasterRCNNConfig, trainable)
     options = {**defaults, **extra, "num_classes": num_classes}

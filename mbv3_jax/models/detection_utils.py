@@ -36,6 +36,8 @@ def check_image_list(images: Any) -> list[Any]:
         shape = getattr(img, "shape", None)
         if shape is None or len(shape) != 3 or shape[-1] != 3:
             raise ValueError(f"image {i}: expected an HWC float array with 3 channels, got shape {shape}")
+        if shape[0] == 0 or shape[1] == 0:
+            raise ValueError(f"image {i}: expected an image of at least 1x1 pixels, got shape {tuple(shape)}")
         if not jnp.issubdtype(img.dtype, jnp.floating):
             raise TypeError(f"image {i}: expected float pixels in [0, 1], got dtype {img.dtype}")
     return images

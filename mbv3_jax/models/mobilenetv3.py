@@ -32,6 +32,7 @@ from mbv3_jax.models.backbone import (
     BlockConfig,
     InvertedResidual,
     build_features,
+    check_builder_args,
     check_images,
     features_out_channels,
     make_divisible,
@@ -46,6 +47,7 @@ __all__ = [  # the backbone's names are re-exported: builders and users import t
     "FloatLayers",
     "InvertedResidual",
     "MobileNetV3",
+    "check_builder_args",
     "check_images",
     "features_out_channels",
     "make_divisible",
@@ -147,6 +149,11 @@ class MobileNetV3(Model):
             raise ValueError("inverted_residual_setting should not be empty")
         if not all(isinstance(c, BlockConfig) for c in inverted_residual_setting):
             raise TypeError("inverted_residual_setting should be a sequence of BlockConfig")
+        checked = check_builder_args(
+            "MobileNetV3", num_classes=num_classes, dropout=dropout, dtype=dtype, param_dtype=param_dtype
+        )
+        num_classes, dropout = checked["num_classes"], checked["dropout"]
+        dtype, param_dtype = checked.get("dtype"), checked["param_dtype"]
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.features = mobilenet_v3_features(
             inverted_residual_setting, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -243,6 +250,16 @@ def _mobilenet_v3(arch: str, builder_args: dict[str, Any]) -> MobileNetV3:
             f"{arch}(weights=...) needs torch: use porting.load_torchvision({arch!r}, {weights!r}) "
             "to convert torchvision weights, or mbv3_jax.load(directory) for a saved model"
         )
+    checked = check_builder_args(
+        arch,
+        num_classes=args["num_classes"],
+        dropout=args["dropout"],
+        width_mult=args["width_mult"],
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+    dtype, param_dtype = checked.pop("dtype", None), checked.pop("param_dtype")
+    args.update(checked)
     table, last_channel = mobilenet_v3_config(arch, args["width_mult"], args["reduced_tail"], args["dilated"])
     return MobileNetV3(
         table,

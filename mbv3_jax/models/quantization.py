@@ -60,6 +60,7 @@ from mbv3_jax.models.backbone import (
     Chain,
     InvertedResidual,
     build_features,
+    check_builder_args,
     check_images,
     features_out_channels,
     mobilenet_v3_config,
@@ -653,6 +654,7 @@ class QuantizedMobileNetV3(Model):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if not inverted_residual_setting:
             raise ValueError("inverted_residual_setting should not be empty")
+        num_classes = check_builder_args("QuantizedMobileNetV3", num_classes=num_classes)["num_classes"]
         table = list(inverted_residual_setting)
         self.backend = backend
         self.num_classes = num_classes
@@ -743,7 +745,7 @@ def mobilenet_v3_large(
     ``porting.load_torchvision("quantized_mobilenet_v3_large", ...)``. ``dropout`` is accepted for
     torchvision's signature (inference only). ``backend``: whose requantization rounding to follow.
     """
-    del progress, dropout
+    del progress
     if weights is not None:
         raise ValueError(
             "quantized_mobilenet_v3_large(weights=...) needs torch: use "
@@ -751,6 +753,10 @@ def mobilenet_v3_large(
         )
     if not quantize:
         raise ValueError("quantize=False is the float model: use mbv3_jax.models.mobilenet_v3_large")
+    checked = check_builder_args(
+        "quantized_mobilenet_v3_large", num_classes=num_classes, dropout=dropout, width_mult=width_mult
+    )
+    num_classes, width_mult = checked["num_classes"], checked["width_mult"]
     table, last_channel = mobilenet_v3_config("mobilenet_v3_large", width_mult, reduced_tail, dilated)
     kwargs = dict(
         num_classes=num_classes,

@@ -17,11 +17,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mbv3_jax import backend
 from mbv3_jax.layers import Conv2d, ConvNormActivation, DType
 from mbv3_jax.models.mobilenetv3 import (
+    check_builder_args,
     check_images,
     dump_architecture,
     features_out_channels,
@@ -31,11 +33,12 @@ from mbv3_jax.models.mobilenetv3 import (
     stage_indices,
 )
 from mbv3_jax.ops import interpolate_bilinear
-from mbv3_jax.runtime import Dropout, List, Model, Module, call_compiled, is_frozen
+from mbv3_jax.runtime import Dropout, List, Model, Module, call_compiled, is_frozen, is_traced
 
 # torch.nn.BatchNorm2d defaults, which torchvision's segmentation heads use.
 HEAD_BN = dict(bn_eps=1e-5, bn_momentum=0.1)
 DEFAULT_NUM_CLASSES = 21  # the VOC categories of torchvision's COCO-trained weights
+IGNORE_INDEX = 255  # torchvision's segmentation references mark void pixels with 255
 # Eval micro-batch on CPU; see SegmentationModel._in_micro_batches.
 CPU_SEGMENTATION_MICRO_BATCH = 1
 
@@ -216,7 +219,11 @@ class FCN(DeepLabV3):
     """FCN head on the dilated MobileNetV3-Large (torchvision's FCN class with its FCNHead)."""
 
 
-def _check_builder_args(name: str, weights: Any, weights_backbone: Any) -> None:
+def _check_builder_args(
+    name: str, weights: Any, weights_backbone: Any, num_classes: Any, dtype: Any, param_dtype: Any
+) -> dict[str, Any]:
+    """Refuse trained weights (they need torch) and bad arguments; returns num_classes (None:
+    torchvision's 21), dtype and param_dtype, checked."""
     if weights is not None or weights_backbone is not None:
         which = "weights" if weights is not None else "weights_backbone"
         raise ValueError(
@@ -224,6 +231,12 @@ def _check_builder_args(name: str, weights: Any, weights_backbone: Any) -> None:
             "weights_backbone=...) to convert torchvision weights, "
             "or mbv3_jax.load(directory) for a saved model"
         )
+    num_classes = DEFAULT_NUM_CLASSES if num_classes is None else num_classes
+    checked = check_builder_args(
+        name, num_classes=num_classes, min_classes=1, dtype=dtype, param_dtype=param_dtype
+    )
+    checked.setdefault("dtype", None)
+    return checked
 
 
 def lraspp_mobilenet_v3_large(
@@ -238,15 +251,12 @@ def lraspp_mobilenet_v3_large(
     seed: int = 0,
 ) -> LRASPP:
     """LR-ASPP on the dilated MobileNetV3-Large, as torchvision's (21 classes by default, no aux)."""
-    _check_builder_args("lraspp_mobilenet_v3_large", weights, weights_backbone)
+    args = _check_builder_args(
+        "lraspp_mobilenet_v3_large", weights, weights_backbone, num_classes, dtype, param_dtype
+    )
     if aux_loss:
         raise NotImplementedError("This model does not use auxiliary loss")  # torchvision's message
-    return LRASPP(
-        num_classes or DEFAULT_NUM_CLASSES,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs if rngs is not None else nnx.Rngs(seed),
-    )
+    return LRASPP(args.pop("num_classes"), **args, rngs=rngs if rngs is not None else nnx.Rngs(seed))
 
 
 def deeplabv3_mobilenet_v3_large(
@@ -261,14 +271,15 @@ def deeplabv3_mobilenet_v3_large(
     seed: int = 0,
 ) -> DeepLabV3:
     """DeepLabV3 (ASPP rates 12/24/36) on the dilated MobileNetV3-Large; ``aux_loss`` adds an FCN aux head."""
-    _check_builder_args("deeplabv3_mobilenet_v3_large", weights, weights_backbone)
+    args = _check_builder_args(
+        "deeplabv3_mobilenet_v3_large", weights, weights_backbone, num_classes, dtype, param_dtype
+    )
     return DeepLabV3(
         "deeplabv3_mobilenet_v3_large",
-        num_classes or DEFAULT_NUM_CLASSES,
+        args.pop("num_classes"),
         bool(aux_loss),
         "deeplabv3",
-        dtype=dtype,
-        param_dtype=param_dtype,
+        **args,
         rngs=rngs if rngs is not None else nnx.Rngs(seed),
     )
 
@@ -288,13 +299,61 @@ def fcn_mobilenet_v3_large(
 
     Not a torchvision builder (torchvision 0.29 has FCNs only on ResNets); same conventions.
     """
-    _check_builder_args("fcn_mobilenet_v3_large", weights, weights_backbone)
+    args = _check_builder_args(
+        "fcn_mobilenet_v3_large", weights, weights_backbone, num_classes, dtype, param_dtype
+    )
     return FCN(
         "fcn_mobilenet_v3_large",
-        num_classes or DEFAULT_NUM_CLASSES,
+        args.pop("num_classes"),
         bool(aux_loss),
         "fcn",
-        dtype=dtype,
-        param_dtype=param_dtype,
+        **args,
         rngs=rngs if rngs is not None else nnx.Rngs(seed),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Labels for the loss
+
+
+class LabelOutOfBoundsError(IndexError, ValueError):
+    """A segmentation label outside [0, num_classes) that is not the ignore index. An IndexError,
+    as torch's ``cross_entropy`` raises ("Target 21 is out of bounds."), and a ValueError (like
+    numpy's AxisError, both)."""
+
+
+def check_segmentation_labels(logits: Any, labels: Any, ignore_index: int = IGNORE_INDEX) -> None:
+    """torch's checks of ``F.cross_entropy(logits, labels, ignore_index=...)`` targets, for NHWC
+    ``logits`` (N, H, W, C) and ``labels`` (N, H, W): integer labels of the logits' batch and
+    spatial shape, each in [0, C) or ``ignore_index``.
+
+    The shape and dtype are checked always. The values only where ``labels`` are concrete (an
+    eager call; it reads them on the host): under ``jit`` a raise cannot depend on data, so there
+    use :func:`labels_out_of_bounds` (e.g. to make the loss NaN, as jnp's gather already does for
+    a label >= C, instead of silently wrapping a negative one).
+    """
+    logits_shape, labels_shape = tuple(np.shape(logits)), tuple(np.shape(labels))
+    if len(logits_shape) != 4 or labels_shape != logits_shape[:3]:
+        raise ValueError(
+            f"labels should have the logits' batch and spatial shape (N, H, W) = {logits_shape[:3]} "
+            f"(logits NHWC {logits_shape}), got {labels_shape}"
+        )
+    dtype = labels.dtype if hasattr(labels, "dtype") else np.asarray(labels).dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"labels should be integer class indices, got dtype {dtype}")
+    if is_traced(labels):
+        return
+    values = np.asarray(labels)
+    bad = (values != ignore_index) & ((values < 0) | (values >= logits_shape[3]))
+    if bad.any():
+        first = values[bad].flat[0]
+        raise LabelOutOfBoundsError(
+            f"Target {first} is out of bounds. (labels should be in [0, {logits_shape[3]}) or the "
+            f"ignore index {ignore_index}; {int(bad.sum())} pixels are not)"
+        )
+
+
+def labels_out_of_bounds(labels: jax.Array, num_classes: int, ignore_index: int = IGNORE_INDEX) -> jax.Array:
+    """Traceable: a boolean scalar, whether any label is outside [0, num_classes) and not
+    ``ignore_index`` (what :func:`check_segmentation_labels` raises for on concrete labels)."""
+    return jnp.any((labels != ignore_index) & ((labels < 0) | (labels >= num_classes)))

@@ -57,6 +57,7 @@ from mbv3_jax.models.detection_utils import (
 )
 from mbv3_jax.models.mobilenetv3 import (
     BlockConfig,
+    check_builder_args,
     dump_architecture,
     features_out_channels,
     frozen_backbone_filter,
@@ -513,7 +514,14 @@ def ssdlite320_mobilenet_v3_large(
         warnings.warn("The size of the model is already fixed; ignoring the parameter.", stacklevel=2)
         kwargs.pop("size")
     check_builder_options(builder, kwargs, SSDConfig, trainable_backbone_layers)
-    num_classes = num_classes or 91
+    checked = check_builder_args(
+        builder,
+        num_classes=91 if num_classes is None else num_classes,
+        min_classes=1,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+    num_classes, dtype, param_dtype = checked["num_classes"], checked.get("dtype"), checked["param_dtype"]
     reduced_tail = True if reduced_tail is None else bool(reduced_tail)
     options = {
         k: tuple(float(x) for x in v) if k in ("image_mean", "image_std") else v for k, v in kwargs.items()

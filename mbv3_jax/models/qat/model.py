@@ -16,6 +16,7 @@ from flax import nnx
 from mbv3_jax.models.backbone import (
     BlockConfig,
     build_features,
+    check_builder_args,
     check_images,
     features_out_channels,
     mobilenet_v3_config,
@@ -80,6 +81,8 @@ class QATMobileNetV3(Model):
             raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
         if not inverted_residual_setting:
             raise ValueError("inverted_residual_setting should not be empty")
+        checked = check_builder_args("QATMobileNetV3", num_classes=num_classes, dropout=dropout)
+        num_classes, dropout = checked["num_classes"], checked["dropout"]
         qconfig = qat_qconfig(backend)
         table = list(inverted_residual_setting)
         rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -202,6 +205,10 @@ def qat_mobilenet_v3_large(
     torchvision's ``train_quantization.py`` does (``backend`` picks the default QAT qconfig).
     Random init; load a QAT-prepared torchvision state_dict with
     ``porting.load_torchvision("qat_mobilenet_v3_large", ...)``."""
+    checked = check_builder_args(
+        "qat_mobilenet_v3_large", num_classes=num_classes, dropout=dropout, width_mult=width_mult
+    )
+    num_classes, dropout, width_mult = checked["num_classes"], checked["dropout"], checked["width_mult"]
     table, last_channel = mobilenet_v3_config("mobilenet_v3_large", width_mult, reduced_tail, False)
     kwargs = dict(
         num_classes=num_classes,
