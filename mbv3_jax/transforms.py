@@ -442,6 +442,12 @@ def preprocess_batch(
         fn = EVAL_PRESETS[preset]
     else:
         fn = preset
+    if isinstance(images, np.ndarray) and images.ndim in (2, 3):
+        # Iterating one image would treat each of its pixel rows as an image.
+        raise ValueError(
+            f"preprocess_batch takes a list of images (or an (N, H, W, C) array), got one array of shape "
+            f"{images.shape}: pass [image]"
+        )
     outs = [fn(img) for img in images]
     if not outs:
         raise ValueError("preprocess_batch got no images")

@@ -539,3 +539,10 @@ def test_module_imports_only_numpy_and_stdlib() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             roots.add(node.module.split(".")[0])
     assert roots <= {"__future__", "math", "collections", "dataclasses", "typing", "numpy"}, roots
+
+
+def test_preprocess_batch_refuses_one_image() -> None:
+    """One HWC photo is not a batch: iterating it would make each pixel row an image."""
+    photo = np.zeros((40, 60, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"got one array of shape \(40, 60, 3\): pass \[image\]"):
+        T.preprocess_batch(photo, "mobilenet_v3_large.IMAGENET1K_V1")

@@ -466,6 +466,11 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"optim.warmup_epochs must be a finite number >= 0, got {o.warmup_epochs}")
     if o.reference_batch < 1:
         raise ValueError(f"optim.reference_batch must be >= 1, got {o.reference_batch}")
+    t = config.train
+    if t.global_batch < 1:
+        raise ValueError(f"train.global_batch must be >= 1, got {t.global_batch}")
+    if t.eval_batch is not None and t.eval_batch < 1:
+        raise ValueError(f"train.eval_batch must be >= 1 (or unset: global_batch), got {t.eval_batch}")
 
 
 def run(config: TrainConfig, *, allow_config_change: bool = False) -> dict[str, Any]:
