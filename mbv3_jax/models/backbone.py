@@ -380,3 +380,18 @@ def _as_dtype(value: Any) -> np.dtype | None:
         return jnp.dtype(value)
     except (TypeError, ValueError):
         return None
+
+
+def table_architecture(
+    builder: str, table: Sequence[BlockConfig], last_channel: int, num_classes: int, **kwargs: Any
+) -> dict[str, Any]:
+    """The architecture record of a model built from a block table (what ``mbv3_jax.save`` keeps)."""
+    return {
+        "builder": builder,
+        "kwargs": {
+            "inverted_residual_setting": [dataclasses.asdict(c) for c in table],
+            "last_channel": last_channel,
+            "num_classes": num_classes,
+            **kwargs,
+        },
+    }

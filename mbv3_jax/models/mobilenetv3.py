@@ -39,6 +39,7 @@ from mbv3_jax.models.backbone import (
     mobilenet_v3_config,
     run_stages,
     stage_indices,
+    table_architecture,
 )
 from mbv3_jax.runtime import Dropout, List, Model, call_compiled, is_frozen
 
@@ -171,15 +172,9 @@ class MobileNetV3(Model):
         # None: 8 on CPU, whole batch elsewhere; 0: always the whole batch.
         self.eval_micro_batch = eval_micro_batch
         if architecture is None:
-            architecture = {
-                "builder": "MobileNetV3",
-                "kwargs": {
-                    "inverted_residual_setting": [dataclasses.asdict(c) for c in inverted_residual_setting],
-                    "last_channel": last_channel,
-                    "num_classes": num_classes,
-                    "dropout": dropout,
-                },
-            }
+            architecture = table_architecture(
+                "MobileNetV3", inverted_residual_setting, last_channel, num_classes, dropout=dropout
+            )
         # Kept as a JSON string: static, hashable, and what ``mbv3_jax.save`` records.
         self.architecture_json = dump_architecture(architecture, dtype, param_dtype)
 

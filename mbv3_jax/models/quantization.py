@@ -64,6 +64,7 @@ from mbv3_jax.models.backbone import (
     check_images,
     features_out_channels,
     mobilenet_v3_config,
+    table_architecture,
 )
 from mbv3_jax.models.mobilenetv3 import CPU_EVAL_MICRO_BATCH
 from mbv3_jax.runtime import Model, Module, call_compiled
@@ -667,15 +668,9 @@ class QuantizedMobileNetV3(Model):
         self.classifier_act = QHardswish("classifier.1")
         self.classifier_out = QLinear(last_channel, num_classes, backend=backend, name="classifier.3")
         if architecture is None:
-            architecture = {
-                "builder": "QuantizedMobileNetV3",
-                "kwargs": {
-                    "inverted_residual_setting": [dataclasses.asdict(c) for c in table],
-                    "last_channel": last_channel,
-                    "num_classes": num_classes,
-                    "backend": backend,
-                },
-            }
+            architecture = table_architecture(
+                "QuantizedMobileNetV3", table, last_channel, num_classes, backend=backend
+            )
         self.architecture_json = json.dumps(architecture, sort_keys=True)
 
     def op_names(self) -> list[str]:

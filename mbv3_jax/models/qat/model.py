@@ -3,7 +3,6 @@ torch.ao.quantization's QAT switches as state."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +19,7 @@ from mbv3_jax.models.backbone import (
     check_images,
     features_out_channels,
     mobilenet_v3_config,
+    table_architecture,
 )
 from mbv3_jax.models.qat.fake_quant import (
     NUMERICS,
@@ -96,17 +96,15 @@ class QATMobileNetV3(Model):
         self.dropout = Dropout(dropout, rngs=rngs)
         self.classifier_out = Linear(last_channel, num_classes, **common)
         if architecture is None:
-            architecture = {
-                "builder": "QATMobileNetV3",
-                "kwargs": {
-                    "inverted_residual_setting": [dataclasses.asdict(c) for c in table],
-                    "last_channel": last_channel,
-                    "num_classes": num_classes,
-                    "dropout": dropout,
-                    "backend": backend,
-                    "numerics": numerics,
-                },
-            }
+            architecture = table_architecture(
+                "QATMobileNetV3",
+                table,
+                last_channel,
+                num_classes,
+                dropout=dropout,
+                backend=backend,
+                numerics=numerics,
+            )
         self.architecture_json = json.dumps(architecture, sort_keys=True)
 
     @property
