@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mbv3_jax import backend
+from mbv3_jax import backend, torch_numerics
 from mbv3_jax.runtime import List, Module
 
 Array = jax.Array
@@ -39,9 +39,18 @@ def _relu_jvp(primals, tangents):
     return relu(x), jnp.where(x > 0, t, jnp.zeros_like(t))
 
 
+def _sixth(x: Array) -> Array:
+    """``x / 6`` divided, as torch does: XLA:CPU would multiply by 1/6 rounded to float32, which
+    is 0.3 ulp high and biases every activation the same way, an error that builds up layer after
+    layer (the port's logits then drift from float64 faster than torchvision's)."""
+    if x.dtype != jnp.float32:
+        return x / 6  # bf16: its own rounding is 2**8 times coarser than the bias
+    return torch_numerics.divide(x, 6)
+
+
 @jax.custom_jvp
 def hardsigmoid(x: Array) -> Array:
-    return jnp.clip(x + 3, 0, 6) / 6
+    return _sixth(jnp.clip(x + 3, 0, 6))
 
 
 @hardsigmoid.defjvp
@@ -52,7 +61,7 @@ def _hardsigmoid_jvp(primals, tangents):
 
 @jax.custom_jvp
 def hardswish(x: Array) -> Array:
-    return x * jnp.clip(x + 3, 0, 6) / 6
+    return _sixth(x * jnp.clip(x + 3, 0, 6))
 
 
 @hardswish.defjvp

@@ -7,6 +7,7 @@ comparison, the report and the table are shared.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import statistics
 import time
@@ -19,31 +20,68 @@ import numpy as np
 import torch
 from flax import nnx
 
+# The port's error against torchvision in float64 may be at most this multiple of torchvision's own
+# fp32 error against it: the claim that holds on any machine, whatever its kernels' summation order.
+NOISE_FLOOR_FACTOR = 2.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    """Max abs error of ``got`` vs ``ref``, and the same relative to max|ref| (the parity metric)."""
+    """Max abs error of ``got`` vs ``ref``, and the same relative to max|ref| (the parity metric).
+
+    With a float64 reference: ``torch_f64`` is torchvision fp32's own error against torchvision in
+    float64 (the noise floor) and ``port_f64`` the port's, both relative to max|float64 output|.
+    """
 
     name: str
     shape: tuple[int, ...]
     max_abs: float
     ref_scale: float
+    torch_f64: float | None = None
+    port_f64: float | None = None
 
     @property
     def relative(self) -> float:
         return self.max_abs / self.ref_scale if self.ref_scale > 0 else self.max_abs
 
+    @property
+    def noise_ratio(self) -> float | None:
+        """The port's float64 error over torchvision fp32's (<= NOISE_FLOOR_FACTOR is the claim)."""
+        if self.port_f64 is None or self.torch_f64 is None:
+            return None
+        return (
+            self.port_f64 / self.torch_f64 if self.torch_f64 > 0 else (0.0 if self.port_f64 == 0 else np.inf)
+        )
 
-def compare(name: str, ref: Any, got: Any) -> Comparison:
+
+def _relative_error(ref: np.ndarray, got: np.ndarray) -> float:
+    """||got - ref|| / ||ref|| (L2 over all elements)."""
+    scale = float(np.linalg.norm(ref.ravel()))
+    err = float(np.linalg.norm((got - ref).ravel()))
+    return err / scale if scale > 0 else err
+
+
+def compare(name: str, ref: Any, got: Any, ref64: Any = None) -> Comparison:
     ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
     if ref.shape != got.shape:
         raise ValueError(f"{name}: shapes differ, reference {ref.shape} vs JAX {got.shape}")
+    torch_f64 = port_f64 = None
+    if ref64 is not None:
+        ref64 = np.asarray(ref64, np.float64)
+        torch_f64, port_f64 = _relative_error(ref64, ref), _relative_error(ref64, got)
     return Comparison(
         name,
         ref.shape,
         float(np.max(np.abs(ref - got), initial=0.0)),
         float(np.max(np.abs(ref), initial=0.0)),
+        torch_f64,
+        port_f64,
     )
+
+
+def float64_copy(tv_model: torch.nn.Module) -> torch.nn.Module:
+    """torchvision's model in float64: the reference against which fp32 rounding is measured."""
+    return copy.deepcopy(tv_model).double().eval()
 
 
 def nchw_to_nhwc(t: torch.Tensor) -> np.ndarray:
@@ -148,6 +186,9 @@ SEGMENTATION = Adapter(
     _segmentation_torch_outputs, _segmentation_jax_outputs, "out", _segmentation_agreements
 )
 
+FLOAT64_MATCHED_BY_TV = "float64 dets matched by torchvision"
+FLOAT64_MATCHED_BY_JAX = "float64 dets matched by JAX"
+
 # builder name -> adapter; later model families register theirs.
 ADAPTERS: dict[str, Adapter] = {
     "mobilenet_v3_large": CLASSIFIER,
@@ -177,6 +218,10 @@ class ParityReport:
                 return c
         raise KeyError(name)
 
+    def missed(self, metric: str) -> int:
+        agree, total = self.agreements[metric]
+        return total - agree
+
     def agreement(self, metric: str) -> float:
         agree, total = self.agreements[metric]
         return agree / total if total else 1.0
@@ -193,13 +238,47 @@ class ParityReport:
     def worst_relative(self) -> float:
         return max(c.relative for c in self.comparisons)
 
+    def noise_floor_excess(self) -> list[str]:
+        """What exceeds NOISE_FLOOR_FACTOR x torchvision fp32's own error against its float64 run
+        (empty: the port is as close to float64 as torchvision is, within the factor). Outputs:
+        relative L2 errors; detections: float64 detections left unmatched."""
+        excess = [
+            f"{c.name}: port {c.port_f64:.2e} vs torchvision fp32 {c.torch_f64:.2e} (L2, relative to float64)"
+            for c in self.comparisons
+            if c.noise_ratio is not None and c.noise_ratio > NOISE_FLOOR_FACTOR
+        ]
+        if FLOAT64_MATCHED_BY_JAX in self.agreements:
+            port, tv = (self.missed(k) for k in (FLOAT64_MATCHED_BY_JAX, FLOAT64_MATCHED_BY_TV))
+            if port > NOISE_FLOOR_FACTOR * tv:
+                excess.append(f"float64 detections missed: port {port}, torchvision fp32 {tv}")
+        return excess
+
+    @property
+    def noise_floor_measured(self) -> bool:
+        return FLOAT64_MATCHED_BY_JAX in self.agreements or any(
+            c.noise_ratio is not None for c in self.comparisons
+        )
+
 
 def count_params(model: nnx.Module) -> int:
     return int(sum(np.size(v) for v in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
+def _max_or_none(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else max(a, b)
+
+
 def _merge(a: Comparison, b: Comparison) -> Comparison:
-    return Comparison(a.name, a.shape, max(a.max_abs, b.max_abs), max(a.ref_scale, b.ref_scale))
+    """The worst of two batches' comparisons (relative errors per batch, so a small-output batch
+    is not hidden by a large one)."""
+    return Comparison(
+        a.name,
+        a.shape,
+        max(a.max_abs, b.max_abs),
+        max(a.ref_scale, b.ref_scale),
+        _max_or_none(a.torch_f64, b.torch_f64),
+        _max_or_none(a.port_f64, b.port_f64),
+    )
 
 
 def run_parity(
@@ -212,6 +291,7 @@ def run_parity(
     stages: bool = True,
     timing_repeats: int = 0,
     keep_outputs: bool = False,
+    float64_reference: bool = True,
 ) -> ParityReport:
     """Compare every output of the two models (both in eval mode) on the same float NHWC images.
 
@@ -219,6 +299,7 @@ def run_parity(
     the worst over all batches and agreements are summed. ``stages=False`` compares only the
     model outputs (not every backbone stage). ``keep_outputs`` keeps both sides' primary outputs
     in ``report.outputs`` (per batch; for figures). Timings use the first batch.
+    ``float64_reference`` also runs torchvision in float64 and measures both fp32 sides against it.
     """
     adapter = adapter or ADAPTERS[jax_model.architecture["builder"]]
     tv_model.eval()
@@ -227,9 +308,12 @@ def run_parity(
     comparisons: dict[str, Comparison] = {}
     agreements: dict[str, Counts] = {}
     kept: list[tuple[np.ndarray, np.ndarray]] = []
+    tv64 = float64_copy(tv_model) if float64_reference else None
     for batch in batches:
         x_np = np.ascontiguousarray(batch, dtype=np.float32)
-        ref = adapter.torch_outputs(tv_model, torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(), stages)
+        x_torch = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous()
+        ref = adapter.torch_outputs(tv_model, x_torch, stages)
+        ref64 = adapter.torch_outputs(tv64, x_torch.double(), stages) if tv64 is not None else {}
         got = adapter.jax_outputs(jax_model, jnp.asarray(x_np), stages)
         if keep_outputs:
             kept.append((ref[adapter.primary], got[adapter.primary]))
@@ -237,7 +321,7 @@ def run_parity(
         if missing:
             raise ValueError(f"{name}: outputs present on one side only: {sorted(missing)}")
         for k in ref:
-            c = compare(k, ref[k], got[k])
+            c = compare(k, ref[k], got[k], ref64.get(k))
             comparisons[k] = _merge(comparisons[k], c) if k in comparisons else c
         if adapter.agreements is not None:
             for metric, (agree, total) in adapter.agreements(ref, got).items():
@@ -270,12 +354,20 @@ def _format_agreements(report: ParityReport) -> str:
     return ", ".join(parts) or "-"
 
 
+def _format_noise_floor(report: ParityReport) -> str:
+    """torchvision fp32's / the port's error against torchvision float64 (primary output, L2)."""
+    c = report.get(report.primary)
+    if c.noise_ratio is None:
+        return "-"
+    return f"{c.torch_f64:.1e}/{c.port_f64:.1e}"
+
+
 def format_table(reports: Sequence[ParityReport]) -> str:
     """A plain-text table: params, max abs / relative error of the primary output, worst output,
-    agreement of the predictions, timings."""
+    both sides' error against torchvision in float64, agreement of the predictions, timings."""
     header = (
         f"{'model':<30} {'params':>11} {'output':>7} {'max abs err':>12} {'rel err':>9} {'worst':>9} "
-        f"{'JAX ms':>8} {'torch ms':>9}  agreement"
+        f"{'f64 tv/JAX':>15} {'JAX ms':>8} {'torch ms':>9}  agreement"
     )
     lines = [header, "-" * (len(header) + 24)]
     for r in reports:
@@ -286,8 +378,8 @@ def format_table(reports: Sequence[ParityReport]) -> str:
 
         lines.append(
             f"{r.model:<30} {r.params:>11,} {r.primary:>7} {c.max_abs:>12.2e} {c.relative:>9.1e} "
-            f"{r.worst_relative:>9.1e} {ms(r.jax_seconds):>8} {ms(r.torch_seconds):>9}  "
-            f"{_format_agreements(r)}"
+            f"{r.worst_relative:>9.1e} {_format_noise_floor(r):>15} {ms(r.jax_seconds):>8} "
+            f"{ms(r.torch_seconds):>9}  {_format_agreements(r)}"
         )
     return "\n".join(lines)
 
@@ -381,6 +473,19 @@ def _matched_pairs(ref: dict[str, Any], got: dict[str, Any], iou: float) -> list
     return [(i, int(j)) for i, j in enumerate(best) if ious[i, j] >= iou]
 
 
+def _detections(model: torch.nn.Module, images: list[torch.Tensor]) -> list[dict[str, np.ndarray]]:
+    with torch.no_grad():
+        return [{k: v.numpy() for k, v in r.items()} for r in model(images)]
+
+
+def _count_matches(
+    counts: dict[str, Counts], key: str, refs: Sequence[dict[str, Any]], gots: Sequence[dict[str, Any]]
+) -> None:
+    for r, g in zip(refs, gots, strict=True):
+        m, t = match_detections(r, g)
+        counts[key] = (counts.get(key, (0, 0))[0] + m, counts.get(key, (0, 0))[1] + t)
+
+
 def run_detection_parity(
     name: str,
     tv_model: torch.nn.Module,
@@ -389,22 +494,29 @@ def run_detection_parity(
     *,
     timing_repeats: int = 0,
     keep_outputs: bool = False,
+    float64_reference: bool = True,
 ) -> ParityReport:
     """Both detectors (eval) on uint8 HWC photos as one batch: detections matched both ways (same
-    label, IoU >= 0.99, |score diff| <= 1e-4), and the box / score errors of the matched pairs."""
+    label, IoU >= 0.99, |score diff| <= 1e-4), and the box / score errors of the matched pairs.
+
+    ``float64_reference`` also counts how many of torchvision's float64 detections torchvision fp32
+    and the port each match (agreements FLOAT64_MATCHED_BY_TV / FLOAT64_MATCHED_BY_JAX).
+    """
     tv_model.eval()
     jax_model.eval()
     images_t = [torch.from_numpy(np.ascontiguousarray(p)).permute(2, 0, 1).float() / 255 for p in photos]
     images_j = [np.asarray(p, np.float32) / np.float32(255) for p in photos]
-    with torch.no_grad():
-        ref = [{k: v.numpy() for k, v in r.items()} for r in tv_model(images_t)]
+    ref = _detections(tv_model, images_t)
     got = jax_model(images_j)
-    agreements = {"torchvision dets matched": (0, 0), "JAX dets matched": (0, 0)}
+    agreements: dict[str, Counts] = {}
+    _count_matches(agreements, "torchvision dets matched", ref, got)
+    _count_matches(agreements, "JAX dets matched", got, ref)
+    if float64_reference:
+        ref64 = _detections(float64_copy(tv_model), [x.double() for x in images_t])
+        _count_matches(agreements, FLOAT64_MATCHED_BY_TV, ref64, ref)
+        _count_matches(agreements, FLOAT64_MATCHED_BY_JAX, ref64, got)
     box_err = score_err = box_scale = 0.0
     for r, g in zip(ref, got, strict=True):
-        for key, (a, b) in (("torchvision dets matched", (r, g)), ("JAX dets matched", (g, r))):
-            m, t = match_detections(a, b)
-            agreements[key] = (agreements[key][0] + m, agreements[key][1] + t)
         for i, j in _matched_pairs(r, g, 0.99):
             box_err = max(box_err, float(np.max(np.abs(r["boxes"][i] - g["boxes"][j]))))
             score_err = max(score_err, float(abs(r["scores"][i] - g["scores"][j])))

@@ -11,16 +11,19 @@ import torchvision
 
 import mbv3_jax
 from porting.cli import parity_main, port_main
+from porting.parity import NOISE_FLOOR_FACTOR
 
 EVAL_TOL = 5e-5  # the classifier parity tests' eval tolerance, relative to max|torchvision|
 
 
-def _row_errors(text: str, name: str) -> tuple[float, float]:
-    """(rel err, worst stage rel err) from the parity table row of ``name``."""
+def _row_errors(text: str, name: str) -> tuple[float, float, float, float]:
+    """(rel err, worst stage rel err, torchvision fp32 and port error against float64) from the
+    parity table row of ``name``."""
     row = next(line for line in text.splitlines() if line.startswith(f"{name} "))
     fields = row.split()
     assert fields[2] == "logits", row
-    return float(fields[4]), float(fields[5])
+    torch_f64, port_f64 = map(float, fields[6].split("/"))
+    return float(fields[4]), float(fields[5]), torch_f64, port_f64
 
 
 def test_mbv3_port_check(tmp_path, capsys):
@@ -41,7 +44,7 @@ def test_mbv3_port_check(tmp_path, capsys):
     assert port_main(argv) == 0
     text = capsys.readouterr().out
     assert f"saved mobilenet_v3_small from {weights}" in text
-    rel, worst = _row_errors(text, "mobilenet_v3_small")
+    rel, worst, *_ = _row_errors(text, "mobilenet_v3_small")
     assert rel <= EVAL_TOL and worst <= EVAL_TOL
     assert "outputs identical" in text
     assert mbv3_jax.load(out).num_classes == 10
@@ -57,8 +60,9 @@ def test_mbv3_parity_table(capsys):
     text = capsys.readouterr().out
     row = next(line for line in text.splitlines() if line.startswith("mobilenet_v3_small "))
     assert "2,542,856" in row and row.endswith("top-1 100%, top-5 100%")
-    rel, worst = _row_errors(text, "mobilenet_v3_small")
+    rel, worst, torch_f64, port_f64 = _row_errors(text, "mobilenet_v3_small")
     assert rel <= EVAL_TOL and worst <= EVAL_TOL
+    assert 0 < port_f64 <= NOISE_FLOOR_FACTOR * torch_f64
     assert "features.12" in text
 
 

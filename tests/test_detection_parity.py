@@ -22,7 +22,7 @@ import mbv3_jax
 from porting import load_torchvision, to_torchvision
 from porting.calibration import calibrated_detector_, sample_photos
 from porting.mapping import convert_to_jax
-from porting.parity import assert_close_tensors, match_detections
+from porting.parity import assert_close_tensors, run_detection_parity
 from porting.rules import rules_for
 from porting.torchvision_io import build_torchvision_model
 
@@ -125,21 +125,18 @@ def test_rpn_proposals(name, kwargs, det_photos):
 @pytest.mark.parametrize("name,kwargs", CONFIGS)
 def test_detections(name, kwargs, det_photos):
     tv, model = calibrated_pair(name, kwargs, det_photos)
-    photos, images = det_photos
-    with torch.no_grad():
-        ref = [{k: v.numpy() for k, v in r.items()} for r in tv(images)]
-    got = model([p.astype(np.float32) / 255 for p in photos])
-    matched_ref = matched_got = total_ref = total_got = 0
-    for r, g in zip(ref, got, strict=True):
+    report = run_detection_parity(name, tv, model, det_photos[0], keep_outputs=True)
+    ((ref, got),) = report.outputs
+    for r in ref:
         # The random heads spread the scores: no ties that would make the kept set arbitrary.
         assert len(np.unique(r["scores"])) == len(r["scores"])
-        a, t = match_detections(r, g)
-        matched_ref, total_ref = matched_ref + a, total_ref + t
-        a, t = match_detections(g, r)
-        matched_got, total_got = matched_got + a, total_got + t
-    assert total_ref >= 100, total_ref  # enough detections to mean something
-    assert matched_ref >= MATCH_FRACTION * total_ref, (matched_ref, total_ref)
-    assert matched_got >= MATCH_FRACTION * total_got, (matched_got, total_got)
+    assert report.agreements["torchvision dets matched"][1] >= 100  # enough detections to mean something
+    for metric in ("torchvision dets matched", "JAX dets matched"):
+        assert report.agreement(metric) >= MATCH_FRACTION, (metric, report.agreements[metric])
+    # Random heads are ill-conditioned: fp32 torchvision itself misses some of its float64
+    # detections; the port may miss at most NOISE_FLOOR_FACTOR times as many.
+    assert report.noise_floor_measured and not report.noise_floor_excess(), report.noise_floor_excess()
+    print(f"{name}: {report.agreements}")
 
 
 def test_detections_generic_path(det_photos, generic_path):

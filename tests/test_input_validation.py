@@ -274,3 +274,19 @@ def test_zero_pixel_image_is_refused_by_detectors(builder, shape):
     model = _built(builder)
     with pytest.raises(ValueError, match=r"image 1: expected an image of at least 1x1 pixels"):
         model([np.zeros((8, 8, 3), np.float32), np.zeros(shape, np.float32)])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("builder", DETECTION[:1] + SSDLITE)
+def test_non_finite_boxes_are_refused(builder, bad):
+    """torchvision lets a NaN box through (NaN compares false) into a NaN loss: refused, named."""
+    model = _built(builder)
+    model.train()
+    try:
+        target = {"boxes": [[1.0, 1.0, 5.0, 5.0], [2.0, 2.0, bad, 6.0]], "labels": [1, 1]}
+        with pytest.raises(
+            ValueError, match=r"target 0: box 1 is \[2.0, 2.0, (nan|-?inf), 6.0\]; boxes must be finite"
+        ):
+            model([np.zeros((32, 32, 3), np.float32)], [target])
+    finally:
+        model.eval()

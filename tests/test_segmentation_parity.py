@@ -106,6 +106,7 @@ def test_eval_parity(name, kwargs, preset_batches, odd_batch):
             assert c.relative <= EVAL_TOL, c
         for metric in report.agreements:
             assert report.agreement(metric) >= PIXEL_AGREEMENT, (metric, report.agreements[metric])
+        assert report.noise_floor_measured and not report.noise_floor_excess(), report.noise_floor_excess()
     for size, report in (("520", at_520), ("321x479", odd)):
         errors = ", ".join(f"{k} {report.get(k).relative:.1e}" for k in outputs)
         print(f"{name} at {size}: {errors}; pixels agreeing {report.agreements}")

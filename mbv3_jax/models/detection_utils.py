@@ -76,7 +76,7 @@ def resize_boxes(boxes: np.ndarray, from_hw: Sequence[int], to_hw: Sequence[int]
 
 def check_target(i: int, target: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """torchvision's checks of target ``i``: float (G, 4) boxes with positive width and height and
-    G integer labels in [0, num_classes); returns them as float32 and int32."""
+    G integer labels in [0, num_classes), and finite boxes; returns them as float32 and int32."""
     if not isinstance(target, Mapping) or "boxes" not in target or "labels" not in target:
         raise ValueError(f"target {i}: expected a dict with 'boxes' and 'labels'")
     boxes = np.asarray(target["boxes"], np.float32)
@@ -89,6 +89,10 @@ def check_target(i: int, target: Any, num_classes: int) -> tuple[np.ndarray, np.
         raise ValueError(
             f"target {i}: expected {len(boxes)} integer labels, got shape {labels.shape} {labels.dtype}"
         )
+    not_finite = ~np.isfinite(boxes).all(axis=1)
+    if not_finite.any():  # torchvision lets these through (NaN compares false) into a NaN loss
+        j = int(np.argmax(not_finite))
+        raise ValueError(f"target {i}: box {j} is {boxes[j].tolist()}; boxes must be finite")
     degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
     if degenerate.any():
         j = int(np.argmax(degenerate))
