@@ -662,12 +662,21 @@ def x86_backend_here() -> str:
     """The ``QuantizedMobileNetV3`` backend that computes what torch's "x86" engine computes on this
     CPU: "x86_vnni" where torch packs convs for oneDNN (Linux, oneDNN built in, AVX512-VNNI: the
     condition of torch's ``should_use_onednn_quant``), "x86_amx" where oneDNN then runs them on
-    AMX-INT8, else "x86" (FBGEMM)."""
+    AMX-INT8, else "x86" (FBGEMM). oneDNN's ISA cap ``ONEDNN_MAX_CPU_ISA`` (``DNNL_MAX_CPU_ISA``) is
+    honoured: below an ``*AMX*`` level oneDNN runs its VNNI kernels (torch still packs for oneDNN: it
+    looks at the hardware)."""
     capabilities = torch.cpu.get_capabilities()
     vnni = bool(capabilities.get("avx512_vnni", False))
     if not (sys.platform.startswith("linux") and torch.backends.mkldnn.is_available() and vnni):
         return "x86"
-    return "x86_amx" if capabilities.get("amx_int8", False) else "x86_vnni"
+    return "x86_amx" if capabilities.get("amx_int8", False) and onednn_isa_allows_amx() else "x86_vnni"
+
+
+def onednn_isa_allows_amx() -> bool:
+    """Whether oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA``, else ``DNNL_MAX_CPU_ISA``; read once, at
+    oneDNN's first use) leaves it its AMX kernels: unset, ``ALL`` or a level that names AMX."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL"
+    return cap.strip().upper() == "ALL" or "AMX" in cap.upper()
 
 
 @contextlib.contextmanager

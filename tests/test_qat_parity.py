@@ -31,7 +31,12 @@ neighbouring step, a relative difference of ~1/255, so TOL is effectively a bit-
 (measured: every logit and state tensor identical to torch's). That holds for torch's CPU kernels as
 dispatched on this kind of machine: AVX2 (checked below), oneDNN's blocking, MKL's sgemm order for >= 4
 rows and MKL's sqrt (its generic kernel on non-Intel CPUs, emulated; correctly rounded on Intel).
-Those tests run where torch reports AVX2.
+Those tests run where torch reports AVX2 and this process's oneDNN 1x1 convolution and MKL sgemm sum
+the model's shapes in the modelled order (``torch_avx2_kernels``; else they skip, naming the kernel).
+Above AVX2 they rerun in a subprocess with ATen, MKL and oneDNN capped to AVX2
+(``test_torch_avx2_mode_with_capped_isa``). MKL's sgemm blocking depends on the CPU model as well as
+on its instruction set: capped to AVX2 on an AVX-512/AMX Xeon it sums a 240-long reduction in one
+block and the tail columns of a 1280-long one in another order, so there the subprocess skips them.
 
 On every CPU, the port with its default numerics ("xla", test_xla_*), both qconfigs, the same
 sequence (three training steps, eval, observers off + BatchNorm frozen) with every layer run on the
@@ -46,12 +51,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
+import platform
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from extras import require_torch
+from extras import capped_dispatch, require_torch, run_capped_pytest
 from flax import nnx
 
 # ruff: noqa: E402
@@ -59,6 +68,7 @@ require_torch()  # the optional "torch" extra: without it this file skips whole,
 
 import torch
 
+from mbv3_jax import torch_numerics
 from mbv3_jax.models import BlockConfig, qat, quantization
 from porting import WeightMappingError, load_torchvision, to_torchvision
 from porting.calibration import calibrated_random_weights_, resized_inputs
@@ -94,10 +104,53 @@ FULL = os.environ.get("MBV3_QAT_FULL") == "1"
 MODELS = ["small", "large"] if FULL else ["small"]
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-needs_avx2 = pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() != "AVX2",
-    reason="numerics='torch_avx2' models torch's kernels as dispatched on AVX2 CPUs",
-)
+CAPABILITY = torch.backends.cpu.get_cpu_capability()
+
+
+def needs_avx2(test):
+    """numerics='torch_avx2' models torch's kernels as dispatched on AVX2 CPUs: the test runs where
+    torch reports AVX2 and the kernel orders it relies on hold here (``torch_avx2_kernels``)."""
+    test = pytest.mark.usefixtures("torch_avx2_kernels")(test)
+    return pytest.mark.skipif(
+        CAPABILITY != "AVX2", reason=f"torch's CPU capability is {CAPABILITY}, not AVX2"
+    )(test)
+
+
+@functools.cache
+def _torch_avx2_unmet() -> tuple[str, ...]:
+    """What the torch_avx2 emulation relies on beyond torch's AVX2 capability, checked on this
+    process's kernels for the model's shapes: oneDNN's 1x1 convolution over more than one block of
+    128 channels, MKL's sgemm for the classifier's F.linear layers (its blocking depends on the CPU
+    model, not only on the instruction set: capped to AVX2 on an AVX-512/AMX Xeon it reduces 240
+    inputs in one block, not two halves). Empty where all hold."""
+    rng = np.random.default_rng(0)
+    unmet = []
+    linears = [(240, 1280), (1280, 1000)] + ([(960, 1280)] if FULL else [])
+    for k, n in linears:
+        x, w, b = (rng.standard_normal(shape, np.float32) for shape in ((BATCH, k), (k, n), (n,)))
+        want = torch.nn.functional.linear(*(torch.from_numpy(a) for a in (x, w.T.copy(), b))).numpy()
+        got = np.asarray(jax.jit(torch_numerics.mkl_linear)(x, w, b))  # compiled, as the model's layers
+        if not np.array_equal(got, want):
+            unmet.append(
+                f"MKL's sgemm for a ({BATCH}, {k}) x ({k}, {n}) F.linear sums in another order than "
+                f"the modelled one ({np.mean(got == want):.1%} of outputs identical)"
+            )
+    x, w, b = (
+        rng.standard_normal(shape, np.float32) for shape in ((BATCH, 240, 6, 6), (40, 240, 1, 1), (40,))
+    )
+    want = torch.nn.functional.conv2d(*(torch.from_numpy(a) for a in (x, w, b))).numpy().transpose(0, 2, 3, 1)
+    conv = jax.jit(functools.partial(torch_numerics.onednn_conv, stride=1, padding=0, groups=1))
+    got = conv(_nhwc(torch.from_numpy(x)), w.transpose(2, 3, 1, 0), b)
+    if not np.array_equal(np.asarray(got), want):
+        unmet.append("oneDNN's 1x1 convolution over 240 channels sums in another order than the modelled one")
+    return tuple(unmet)
+
+
+@pytest.fixture(scope="module")
+def torch_avx2_kernels() -> None:
+    unmet = _torch_avx2_unmet()
+    if unmet:
+        pytest.skip("numerics='torch_avx2' does not model this CPU's kernels: " + "; ".join(unmet))
 
 
 @pytest.fixture(scope="module")
@@ -549,3 +602,33 @@ def test_xla_gradients(xla_pair, batches):
         if rel > worst:
             worst, worst_path = rel, format_path(path)
     print(f"\n{engine} xla: {len(want)} parameter gradients by layer, worst {worst:.2e} ({worst_path})")
+
+
+# ------------------------------------------------------------------------------------------------
+# The torch_avx2 tests on CPUs above AVX2: in a subprocess with torch's libraries capped to AVX2
+
+AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+@pytest.mark.skipif(CAPABILITY == "AVX2", reason="the torch_avx2 tests run in-process here")
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or CAPABILITY == "DEFAULT",
+    reason=f"torch's CPU capability {CAPABILITY} on {platform.machine()}: no AVX2 to cap to",
+)
+def test_torch_avx2_mode_with_capped_isa():
+    """Above AVX2 (AVX512), the torch_avx2 tests above rerun in a subprocess started with ATen, MKL
+    and oneDNN capped to AVX2 (each library's own report checked first). They pass there, or skip
+    all with the reason the emulation's kernel orders do not hold (``_torch_avx2_unmet``)."""
+    dispatch = capped_dispatch(AVX2_CAPS)
+    assert dispatch["aten"] == "AVX2", dispatch
+    assert "AVX2" in dispatch["mkl"] and "512" not in dispatch["mkl"], dispatch
+    assert dispatch["onednn"] == "Intel AVX2", dispatch
+    counts, out = run_capped_pytest([__file__, "-k", "not xla and not capped_isa"], AVX2_CAPS, timeout=900)
+    print(
+        "\n" + "\n".join(line for line in out.splitlines() if re.match(r"(small|large) |SKIPPED|\d+ ", line))
+    )
+    assert not counts.get("failed") and not counts.get("error") and not counts.get("errors"), out[-3000:]
+    if counts.get("skipped") and not counts.get("passed"):
+        reason = re.search(r"^SKIPPED \[\d+\] [^:]+:\d+: (.*)$", out, re.MULTILINE)
+        pytest.skip(f"capped to AVX2 ({dispatch['mkl']}): {reason.group(1) if reason else out[-500:]}")
+    assert counts.get("passed", 0) >= 8 and not counts.get("skipped"), out[-3000:]

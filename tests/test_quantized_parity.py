@@ -17,7 +17,13 @@ qconfig per engine:
   (measured here: the stem conv 99.4% identical but up to 34 steps off, logits up to 31 steps),
   while with 7-bit activations FBGEMM is exact and the JAX model matches it bit for bit.
   On a CPU with AVX512-VNNI torch's x86 engine runs the convs with <= 100 groups through oneDNN
-  instead: the port then takes backend "x86_vnni" (``x86_backend_here``).
+  instead: the port then takes backend "x86_vnni" (``x86_backend_here``), "x86_amx" where oneDNN
+  runs AMX-INT8 kernels. On an AMX CPU the x86 checks rerun in a subprocess with oneDNN capped to
+  AVX512_CORE_VNNI (what an AVX512-VNNI CPU without AMX, such as AMD Zen 4, runs) against
+  "x86_vnni". FBGEMM's own kernels (FBGEMM_ENABLE_INSTRUCTIONS) cannot make a VNNI CPU compute what
+  backend "x86" models: torch picks oneDNN from the hardware's VNNI flag, and FBGEMM then runs only
+  the depthwise convs with > 100 groups and the linears, exact integer arithmetic on any of its ISAs
+  for 7-bit activations.
 """
 
 import collections
@@ -26,7 +32,7 @@ import warnings
 
 import numpy as np
 import pytest
-from extras import require_torch
+from extras import capped_dispatch, require_torch, run_capped_pytest
 
 # ruff: noqa: E402
 require_torch()  # the optional "torch" extra: without it this file skips whole, before the imports below
@@ -127,7 +133,13 @@ def cases(float_model, inputs_nchw):
             model = load_torchvision(NAME, tv.state_dict(), backend=backend)
             got = model.quantized_intermediates(np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy()))
             built[engine] = dict(
-                engine=engine, tv=tv, model=model, ref_ops=ref_ops, ref_logits=ref_logits, got=got
+                engine=engine,
+                backend=backend,
+                tv=tv,
+                model=model,
+                ref_ops=ref_ops,
+                ref_logits=ref_logits,
+                got=got,
             )
         return built[engine]
 
@@ -157,7 +169,8 @@ def test_every_quantized_op_matches(engine_case):
         report.append((float(np.mean(diff == 0)), int(diff.max()), name))
     identical, _, worst = min(report)
     print(
-        f"\n{engine_case['engine']}: {len(report)} ops, min identical fraction {identical:.6f}"
+        f"\n{engine_case['engine']} (backend {engine_case['backend']}): {len(report)} ops, "
+        f"min identical fraction {identical:.6f}"
         f"{f' ({worst})' if identical < 1 else ''}, max step difference {max(r[1] for r in report)}"
     )
     for fraction, step, name in report:
@@ -313,3 +326,25 @@ def test_errors_name_the_key(cases):
     )
     with pytest.raises(WeightMappingError, match=r"'features\.0\.0\.weight'.*per-tensor"):
         load_torchvision(NAME, per_channel)
+
+
+VNNI_CAPS = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}
+
+
+@pytest.mark.skipif(
+    x86_backend_here() != "x86_amx", reason=f"backend {x86_backend_here()} is checked in-process here"
+)
+def test_x86_vnni_backend_with_capped_isa():
+    """On an AMX-INT8 CPU, the x86 checks above rerun in a subprocess with oneDNN capped to
+    AVX512_CORE_VNNI: its int8 convolutions then run oneDNN's VNNI kernels (checked from oneDNN's own
+    report), which the port follows with backend "x86_vnni" (``x86_backend_here``'s choice there)."""
+    dispatch = capped_dispatch(VNNI_CAPS)
+    assert dispatch["onednn_int8_conv"].endswith(":avx512_core_vnni"), dispatch
+    assert "AMX" not in dispatch["onednn"], dispatch
+    nodes = [
+        f"{__file__}::{test}[x86]" for test in ("test_every_quantized_op_matches", "test_logits_and_top1")
+    ]
+    counts, out = run_capped_pytest(nodes, VNNI_CAPS, timeout=600)
+    print("\n" + "\n".join(line for line in out.splitlines() if line.startswith("x86")))
+    assert counts == {"passed": 2}, out[-3000:]
+    assert "x86 (backend x86_vnni): 121 ops" in out, out[-3000:]

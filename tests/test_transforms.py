@@ -16,17 +16,14 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
-import os
 import platform
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from extras import HAVE_TORCH, needs_torch
+from extras import HAVE_TORCH, needs_torch, run_capped
 
 from mbv3_jax import transforms as T
 
@@ -234,10 +231,11 @@ _CAPPED_SCRIPT = textwrap.dedent(
 
 
 def _capped_references(path: Path) -> dict[str, np.ndarray]:
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-c", _CAPPED_SCRIPT, str(REPO), str(path)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_capped(
+        ["-c", _CAPPED_SCRIPT, str(REPO), str(path)],
+        {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"},
+        300,
+    )
     with np.load(path) as f:
         # the cap took: torch's dispatch ran the AVX2 build (on a CPU without AVX2 it would say less)
         assert str(f["capability"]) == "AVX2", f"ATEN_CPU_CAPABILITY=avx2 gave {f['capability']}"
@@ -499,10 +497,8 @@ def test_default_kernel_matches_torch_without_simd(tmp_path: Path) -> None:
     """``kernel="default"`` replays torch run with ``ATEN_CPU_CAPABILITY=default`` (no FMA contraction)."""
     photos = tmp_path / "photos.npz"
     np.savez(photos, rocket=_photo("rocket"))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-c", _OTHER_KERNEL_SCRIPT, str(REPO / "mbv3_jax" / "transforms.py"), str(photos)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
+    args = ["-c", _OTHER_KERNEL_SCRIPT, str(REPO / "mbv3_jax" / "transforms.py"), str(photos)]
+    res = run_capped(args, {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}, 120)
     assert "BAD 0" in res.stdout, res.stdout
 
 
