@@ -2,8 +2,17 @@
 
 A checkpoint ``workdir/checkpoints/<step>/`` holds two items: ``state`` (params, BatchNorm statistics,
 optimizer state, step, dropout RNG key, EMA) and ``meta`` (JSON: step, epoch, data position and seed,
-eval metrics). orbax writes to a temporary directory and renames it when complete, so a process killed
-mid-save leaves the previous checkpoints intact; the trainer's manager deletes such leftovers.
+eval metrics, the model's architecture record). orbax writes to a temporary directory and renames it
+when complete, so a process killed mid-save leaves the previous checkpoints intact; the trainer's
+manager deletes such leftovers.
+
+Integrity: once a step's save is complete (on all processes), process 0 records the size and sha256 of
+its files in ``<step>/checksums.json`` (at the next save, or when the run ends, so that asynchronous
+saves stay asynchronous); :func:`restore`, :func:`read_meta` and :func:`restore_host` check them first
+and refuse a damaged file, naming it. A step without ``checksums.json`` (saved before they were
+recorded, or a run killed between a save's completion and the next one) is restored unverified, with a
+warning. A save that cannot be written raises one :class:`mbv3_jax.checkpoint.CheckpointIOError`
+naming the directory and the cause.
 
 The workdir itself (:func:`setup_workdir`): one ``mbv3-train`` process (group) at a time, held by an
 ``fcntl.flock`` on ``workdir/.mbv3-train.lock`` (pid and host inside), which the OS releases when the
@@ -16,11 +25,14 @@ configuration is then appended to ``config_history.jsonl``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import json
 import os
 import socket
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +40,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from mbv3_jax.checkpoint import (
+    CheckpointIOError,
+    guard_write,
+    hold_orbax_logs,
+    read_tree_metadata,
+    release_orbax_logs,
+    tree_mismatch,
+    verify_checksums,
+    write_checksums,
+)
 
 # Below this many bytes per replica, a replicated array is written whole by one replica instead of in
 # slices by all of them, because slicing costs one small eager op per replica and array, worth it only
@@ -80,7 +103,61 @@ def make_manager(
         create=create,
         cleanup_tmp_directories=cleanup_tmp,
     )
-    return ocp.CheckpointManager(directory, item_names=("state", "meta"), options=options)
+    manager = ocp.CheckpointManager(directory, item_names=("state", "meta"), options=options)
+    _SAVES[manager] = _Saves(async_save)
+    return manager
+
+
+@dataclasses.dataclass
+class _Saves:
+    """A manager's saves not yet sealed with checksums, and whether one is still being written."""
+
+    async_save: bool
+    unsealed: list[int] = dataclasses.field(default_factory=list)
+    in_flight: bool = False
+
+
+_SAVES: weakref.WeakKeyDictionary[ocp.CheckpointManager, _Saves] = weakref.WeakKeyDictionary()
+
+
+def _seal(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Process 0 records the checksums of these completed steps (gone ones: deleted by the policy)."""
+    if jax.process_index() != 0:
+        return
+    for step in steps:
+        directory = Path(manager.directory) / str(step)
+        if directory.is_dir():
+            try:
+                write_checksums(directory)
+            except OSError as e:
+                raise CheckpointIOError(
+                    f"could not write the checksums of checkpoint {directory}: {e}. The checkpoint itself "
+                    "is complete (it loads unverified); free space or fix the directory's permissions"
+                ) from None
+
+
+def _until_written(manager: ocp.CheckpointManager, call: Callable[[], None], what: str) -> None:
+    """Run a manager call that first waits for the save in flight; a failed write (of that save or of
+    this one) becomes one CheckpointIOError, and orbax's log records of it are dropped."""
+    saves = _SAVES.setdefault(manager, _Saves(async_save=False))
+    in_flight, saves.in_flight = saves.in_flight, False
+    failed = True
+    try:
+        with guard_write(what, manager.directory):
+            call()
+        failed = False
+    except CheckpointIOError as e:
+        try:
+            kept = f"steps {sorted(manager.all_steps())}"
+        except Exception:  # the directory itself is unreadable
+            kept = "if any"
+        raise CheckpointIOError(
+            f"{e}. The checkpoints saved before ({kept}) are intact; free space or fix the directory's "
+            "permissions, then re-run to resume"
+        ) from None
+    finally:
+        if in_flight:  # the hold taken when that asynchronous save started
+            release_orbax_logs(drop=failed)
 
 
 def save(
@@ -90,17 +167,79 @@ def save(
     meta: dict[str, Any],
     metrics: dict[str, float] | None = None,
 ) -> None:
-    """Start saving (asynchronously when enabled); ``metrics`` (with ``top1``) ranks it for keep-best."""
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        metrics=metrics,
-        force=True,
-    )
+    """Start saving (asynchronously when enabled); ``metrics`` (with ``top1``) ranks it for keep-best.
+
+    The previous save, which this one waits for, is complete then: its checksums are written now."""
+    saves = _SAVES.setdefault(manager, _Saves(async_save=False))
+    done = list(saves.unsealed)
+
+    def call() -> None:
+        manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            metrics=metrics,
+            force=True,
+        )
+
+    steps = [*saves.unsealed, step] if saves.in_flight else [step]  # the one in flight may fail here
+    _until_written(manager, call, f"checkpoint step {' or '.join(map(str, steps))} to {manager.directory}")
+    saves.unsealed = [step]
+    if saves.async_save:  # its orbax log records are held until it is complete
+        hold_orbax_logs()
+        saves.in_flight = True
+    else:
+        done.append(step)
+        saves.unsealed = []
+    _seal(manager, done)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-    """The state (placed as ``abstract_state``'s shardings say) and metadata of checkpoint ``step``."""
+def finish(manager: ocp.CheckpointManager, *, raise_errors: bool = True) -> None:
+    """Wait for the save in flight, record its checksums and close ``manager``; ``raise_errors=False``
+    (a run already failing) closes it without raising another error."""
+    saves = _SAVES.setdefault(manager, _Saves(async_save=False))
+    try:
+        _until_written(manager, manager.wait_until_finished, f"a checkpoint to {manager.directory}")
+        _seal(manager, saves.unsealed)
+        saves.unsealed = []
+    except Exception:
+        if raise_errors:
+            raise
+    finally:
+        with contextlib.suppress(Exception):
+            manager.close()
+
+
+def verify(manager: ocp.CheckpointManager, step: int) -> None:
+    """Check the files of checkpoint ``step`` against its checksums (see the module docstring)."""
+    verify_checksums(Path(manager.directory) / str(step))
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int, *, check: bool = True) -> dict[str, Any]:
+    """The ``meta`` item of checkpoint ``step`` (after checking the step's files, unless ``check``
+    is False)."""
+    if check:
+        verify(manager, step)
+    restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+
+def restore(
+    manager: ocp.CheckpointManager, step: int, abstract_state: Any, *, check: bool = True
+) -> tuple[Any, dict[str, Any]]:
+    """The state (placed as ``abstract_state``'s shardings say) and metadata of checkpoint ``step``.
+
+    First (unless ``check`` is False: done already) its files are checked against its checksums; and a
+    state whose arrays differ from ``abstract_state``'s (names or shapes) is refused in a few lines."""
+    directory = Path(manager.directory) / str(step)
+    if check:
+        verify(manager, step)
+    saved = read_tree_metadata(directory / "state")
+    mismatch = None if saved is None else tree_mismatch(saved, abstract_state)
+    if mismatch:
+        raise ValueError(
+            f"checkpoint {directory} does not fit this run's training state ({mismatch}); the model, "
+            "optimizer or EMA setting differs from the run that saved it: use another --workdir"
+        )
     restored = manager.restore(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
@@ -125,6 +264,7 @@ def restore_host(workdir: str | os.PathLike, step: int | None = None) -> tuple[A
             raise FileNotFoundError(
                 f"no checkpoint at step {step} in {checkpoint_dir(workdir)}; have {steps}"
             )
+        verify(manager, step)
         # Restore onto this process's first device whatever mesh wrote it (8 devices, 2 processes, ...),
         # with x64 on so that float64 checkpoints stay float64 in a float32 process.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -241,10 +381,32 @@ def _write_json_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# Fields that change which arrays a checkpoint holds: a run cannot resume its checkpoints with others.
+STRUCTURE_FIELDS = (
+    "model.name",
+    "model.width_mult",
+    "model.blocks",
+    "model.num_classes",
+    "qat.enabled",
+    "qat.backend",
+)
+
+
+def _describe_model(config: dict[str, Any]) -> str:
+    m, q = config.get("model", {}), config.get("qat", {})
+    extras = [f"{k}={m[k]!r}" for k in ("width_mult", "blocks", "num_classes") if m.get(k) is not None]
+    qat = f", QAT ({q.get('backend')})" if q.get("enabled") else ""
+    return f"{m.get('name')}({', '.join(extras)}){qat}"
+
+
 def _claim_workdir(workdir: Path, config: dict[str, Any], allow_config_change: bool) -> WorkdirLock:
     """Process 0's part of :func:`setup_workdir` (raises WorkdirError)."""
-    if workdir.exists() and not workdir.is_dir():
-        raise WorkdirError(f"--workdir {workdir} exists and is not a directory")
+    for path in (workdir, *workdir.parents):
+        if os.path.lexists(path) and not path.is_dir():
+            what = "--workdir" if path == workdir else f"--workdir {workdir}: its parent"
+            raise WorkdirError(
+                f"{what} {path} exists and is not a directory; nothing was written: pass another --workdir"
+            )
     config_path = workdir / CONFIG_FILE
     if config_path.exists() and not _is_run_config(config_path):
         raise WorkdirError(
@@ -266,6 +428,14 @@ def _claim_workdir(workdir: Path, config: dict[str, Any], allow_config_change: b
             changes = config_changes(old, config)
             if not changes:
                 return lock
+            structural = [k for k in changes if k in STRUCTURE_FIELDS]
+            if structural and has_checkpoints(workdir):
+                raise WorkdirError(
+                    f"{workdir} holds checkpoints of {_describe_model(old)}; this run builds "
+                    f"{_describe_model(config)} ({', '.join(structural)} differ), whose arrays cannot be "
+                    "restored from them, with or without --allow-config-change. Pass another --workdir "
+                    "(to start from this run's weights: mbv3-average it, then --model.init the result)"
+                )
             gated = {k: v for k, v in changes.items() if not k.startswith(RUNTIME_FIELDS)}
             if gated and has_checkpoints(workdir) and not allow_config_change:
                 listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in gated.items())

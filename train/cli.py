@@ -24,7 +24,11 @@ Sections: model, qat, data, optim, train, mesh, checkpoint, distributed; top lev
 tensorboard, plot. Re-running with the same --workdir resumes from its latest checkpoint; with other
 hyperparameters than the run's config.json only given --allow-config-change (the old configuration is
 appended to WORKDIR/config_history.jsonl). One mbv3-train at a time per workdir. A non-finite training
-loss stops the run (exit status 1); its checkpoints all predate that step."""
+loss stops the run (exit status 1); its checkpoints all predate that step. So does a checkpoint that
+cannot be written (disk full, read-only): the earlier ones are intact. Checkpoints are checked against
+their recorded sha256 before a resume. With --data.image_folder ROOT (ROOT/train/<class>/*.jpg and
+ROOT/val/<class>/*.jpg), the eval split is the folder's val (or validation, or test) whatever
+data.eval_split says, when the folder lacks that one."""
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -52,12 +56,13 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config.to_json())
         return 0
+    from mbv3_jax.checkpoint import CheckpointIOError
     from train.data import DataError
     from train.trainer import TrainingDiverged, run
 
     try:
         result = run(config, allow_config_change=args.allow_config_change)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointIOError) as e:  # stopped mid-run: its earlier checkpoints kept
         _err(str(e))
         return 1
     except (DataError, FileNotFoundError, ValueError) as e:
@@ -83,13 +88,14 @@ def average_main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="replace --out if it holds a model saved before (only that)"
     )
     args = parser.parse_args(argv)
+    from mbv3_jax.checkpoint import CheckpointIOError
     from train.average import average_checkpoints
 
     try:
         out, steps = average_checkpoints(
             args.workdir, args.out, num=args.num, steps=args.steps, overwrite=args.overwrite
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, CheckpointIOError) as e:
         return _err(str(e))
     print(f"averaged steps {steps} of {args.workdir} into {out}")
     return 0
@@ -128,6 +134,7 @@ def quantize_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    from mbv3_jax.checkpoint import CheckpointIOError
     from train.data import DataError
     from train.quantize import quantize_run
 
@@ -143,7 +150,7 @@ def quantize_main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.no_progress,
         )
-    except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (DataError, FileNotFoundError, FileExistsError, ValueError, CheckpointIOError) as e:
         return _err(str(e))
     print(f"converted step {result['step']} of {args.workdir}: integer model in {result['out']}")
     if result["pth"]:

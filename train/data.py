@@ -5,7 +5,10 @@
 * ``sklearn_digits``: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes), upscaled
   to 32x32 RGB and written as a TFDS ArrayRecord dataset on first use (no download): the demo's data.
 * :func:`image_folder_builder`: a TFDS dataset from your own ``root/<class>/*.jpg`` folders (or
-  ``root/train/<class>/...`` and ``root/val/<class>/...``).
+  ``root/train/<class>/...`` and ``root/val/<class>/...``). Every image is decoded once, when the data
+  set is prepared: a truncated or unreadable file stops that with a :class:`DataError` naming it, and
+  so does an empty class folder (as torchvision's ``ImageFolder``). An image folder's eval split is
+  whichever of ``val`` / ``validation`` / ``test`` it has when the configured one is absent.
 
 Order and sharding: the sample order is a function of (seed, epoch) over the *global* batch: global
 batch ``b`` of an epoch is ``perm[b*G:(b+1)*G]`` and process ``p`` reads ``[p*L:(p+1)*L]`` of it
@@ -114,14 +117,50 @@ def _digits_builder_class() -> type:
     return SklearnDigits
 
 
+EVAL_SPLITS = ("val", "validation", "test")  # an image folder's eval split: the one of these it has
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def _list_images(folder: Path) -> list[tuple[Path, str]]:
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    items = []
-    for c in classes:
-        for path in sorted((folder / c).rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                items.append((path, c))
+    """``(image, class)`` for every image file under ``folder/<class>/``; an empty class folder is
+    refused as torchvision's ``ImageFolder`` refuses it (a class without examples)."""
+    items, empty = [], []
+    for c in _class_dirs(folder):
+        found = [
+            (path, c)
+            for path in sorted((folder / c).rglob("*"))
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        ]
+        if not found:
+            empty.append(c)
+        items += found
+    if empty:
+        raise DataError(
+            f"Found no valid file for the classes {', '.join(empty)} in {folder} "
+            f"({', '.join(str(folder / c) for c in empty[:3])}{' ...' if len(empty) > 3 else ''}). "
+            f"Supported extensions are: {', '.join(IMAGE_EXTENSIONS)}; add images or remove the folders"
+        )
     return items
+
+
+def _decode_rgb(path: Path) -> Any:
+    """The image at ``path`` fully decoded as RGB (PIL), or a DataError naming the file."""
+    from PIL import Image, ImageFile
+
+    pad, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # never pad silently
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")  # decodes every pixel: a truncated file fails here
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(
+            f"{path} is not a readable image ({type(e).__name__}: {e}); delete or replace it "
+            "(the data set is prepared again on the next run)"
+        ) from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = pad
 
 
 def image_folder_builder(root: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Any:
@@ -138,14 +177,18 @@ def image_folder_builder(root: str | os.PathLike, data_dir: str | os.PathLike | 
     split_dirs = {s: root / s for s in ("train", "val", "validation", "test") if (root / s).is_dir()}
     if "train" not in split_dirs:
         split_dirs = {"train": root}
-    classes = sorted(
-        d.name for d in split_dirs["train"].iterdir() if d.is_dir() and not d.name.startswith(".")
-    )
+    classes = _class_dirs(split_dirs["train"])
     if not classes:
         raise DataError(f"{split_dirs['train']} has no class sub-folders (expected <class>/<image files>)")
     files = {s: _list_images(d) for s, d in split_dirs.items()}
     if not files["train"]:
         raise DataError(f"{split_dirs['train']} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    for d in split_dirs.values():
+        unknown = sorted(set(_class_dirs(d)) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{d} has classes {unknown} that {split_dirs['train']} lacks (its classes: {classes})"
+            )
     digest = hashlib.sha1(
         "\n".join(
             f"{s}:{p.relative_to(root)}:{p.stat().st_size}" for s in files for p, _ in files[s]
@@ -173,14 +216,8 @@ def image_folder_builder(root: str | os.PathLike, data_dir: str | os.PathLike | 
             return {s: self._generate_examples(items) for s, items in files.items() if items}
 
         def _generate_examples(self, items):
-            from PIL import Image
-
             for path, label in items:
-                if label not in classes:
-                    raise DataError(f"{path}: class {label!r} is not a train class {classes}")
-                with Image.open(path) as img:
-                    img = img.convert("RGB")
-                    yield str(path.relative_to(root)), {"image": _png(img), "label": label}
+                yield str(path.relative_to(root)), {"image": _png(_decode_rgb(path)), "label": label}
 
     ImageFolderDataset.name = "image_folder_dataset"
     _pin_code_path(ImageFolderDataset)
@@ -203,6 +240,7 @@ class Split:
     class_names: list[str]
     image_key: str
     label_key: str
+    split: str = ""  # the split opened (an image folder's eval split may stand in for the one asked)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -236,11 +274,14 @@ def open_split(
     image_key: str = "image",
     label_key: str = "label",
     process_shard: tuple[int, int] | None = None,
+    eval_fallback: bool = False,
 ) -> Split:
     """Open ``split`` of a TFDS dataset (prepared on first use if it needs no manual download).
 
     ``process_shard=(index, count)``: only the index-th of ``count`` equal contiguous parts of the split
     (the remainder dropped), as ``tfds.even_splits(split, count, drop_remainder=True)[index]``.
+    ``eval_fallback``: ``split`` is the eval split; an image folder that lacks it may stand in its one
+    ``val`` / ``validation`` / ``test`` split (``Split.split`` says which was opened).
     """
     tfds = _tfds()
 
@@ -255,13 +296,10 @@ def open_split(
 
     if image_folder:
         builder = image_folder_builder(image_folder, data_dir)
-        if split not in builder.info.splits:
-            raise DataError(
-                f"image folder {image_folder} has splits {list(builder.info.splits)}, not {split!r}"
-            )
+        split = _image_folder_split(image_folder, split, list(builder.info.splits), eval_fallback)
         source = builder.as_data_source(split=shard(builder, split))
         num_classes, names = _check_features(builder.info, str(image_folder), image_key, label_key)
-        return Split(source, num_classes, names, image_key, label_key)
+        return Split(source, num_classes, names, image_key, label_key, split)
     if dataset == DIGITS_NAME:
         _digits_builder_class()
     try:
@@ -286,7 +324,25 @@ def open_split(
         download=False,
         builder_kwargs={"file_format": "array_record"},
     )
-    return Split(source, num_classes, names, image_key, label_key)
+    return Split(source, num_classes, names, image_key, label_key, split)
+
+
+def _image_folder_split(image_folder: str, split: str, splits: list[str], eval_fallback: bool) -> str:
+    """``split`` if the image folder has it; for an eval split it lacks (the shipped configurations
+    name ``test`` or ``validation``), with ``eval_fallback``, the one of ``val`` / ``validation`` /
+    ``test`` it has."""
+    if split in splits:
+        return split
+    present = [s for s in EVAL_SPLITS if s in splits]
+    if eval_fallback and len(present) == 1:
+        return present[0]
+    if eval_fallback and not present:
+        raise DataError(
+            f"image folder {image_folder} has no eval split (its splits: {splits}): put the images in "
+            f"{image_folder}/train/<class>/ and {image_folder}/val/<class>/, or pass "
+            "--data.eval_split=train to evaluate on the training images"
+        )
+    raise DataError(f"image folder {image_folder} has splits {splits}, not {split!r}")
 
 
 # --------------------------------------------------------------------------------------------------

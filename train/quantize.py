@@ -72,6 +72,7 @@ def _eval_batches(config: TrainConfig, data_dir: str | None) -> tuple[Any, int]:
         image_folder=d.image_folder,
         image_key=d.image_key,
         label_key=d.label_key,
+        eval_fallback=True,  # the run evaluated on this split too
     )
     batch = config.train.eval_batch or config.train.global_batch
     transform = augment.eval_transform(d.eval_resize, d.eval_crop, d.mean, d.std)

@@ -33,7 +33,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mbv3_jax import optim
-from mbv3_jax.checkpoint import FORMAT
+from mbv3_jax.checkpoint import FORMAT, architecture_difference, describe_architecture, read_architecture
 from mbv3_jax.checkpoint import load as load_saved_model
 from mbv3_jax.layers import BatchNorm
 from mbv3_jax.models import MobileNetV3, get_model, mobilenet_v3_config, qat
@@ -61,6 +61,14 @@ def _saved_model_arrays(directory: Path) -> dict[tuple, np.ndarray]:
 def _init_arrays(path: Path, model: nnx.Module) -> dict[tuple, np.ndarray]:
     """``{variable path: array}`` from a torchvision .pth/.pt or a ``mbv3_jax.save`` directory."""
     if path.is_dir():
+        saved = read_architecture(path)
+        # Checked before loading: another architecture's variables would only give a long list of misfits.
+        if architecture_difference(saved, model.architecture, ignore=("num_classes",)):
+            raise ValueError(
+                f"--model.init {path} is a {describe_architecture(saved)}, the configured model a "
+                f"{describe_architecture(model.architecture)}: set --model.name (and width_mult, blocks) "
+                "to the saved model's, or initialise from a checkpoint of this architecture"
+            )
         return _saved_model_arrays(path)
     try:
         from porting.mapping import convert_to_jax
@@ -498,6 +506,23 @@ def run(config: TrainConfig, *, allow_config_change: bool = False) -> dict[str, 
         return _run(config, workdir, t_start)
 
 
+def _check_resumable(workdir: Path, meta: dict[str, Any], architecture: dict[str, Any]) -> None:
+    """Refuse, before orbax restores anything, a checkpoint of another architecture than the model
+    built (its record: in the checkpoint's metadata, else the run's architecture.json)."""
+    saved = meta.get("architecture")
+    if saved is None:
+        try:
+            saved = read_architecture(workdir)
+        except (OSError, ValueError):
+            return  # no record to compare: the restore checks the arrays themselves
+    if architecture_difference(saved, architecture):
+        raise ValueError(
+            f"{workdir} holds checkpoints of a {describe_architecture(saved)}; this run builds a "
+            f"{describe_architecture(architecture)}, which cannot resume them. Pass another --workdir "
+            "(to start from this run's weights: mbv3-average it, then --model.init the result)"
+        )
+
+
 def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
     """:func:`run` once the workdir is claimed."""
     cfg_data, cfg_train, cfg_optim = config.data, config.train, config.optim
@@ -524,7 +549,12 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
         process_shard=(proc, nproc) if per_process else None,
         **open_kw,
     )
-    eval_split = data.open_split(cfg_data.dataset, cfg_data.eval_split, **open_kw)
+    eval_split = data.open_split(cfg_data.dataset, cfg_data.eval_split, eval_fallback=True, **open_kw)
+    if eval_split.split and eval_split.split != cfg_data.eval_split:
+        _log(
+            f"data.eval_split is {cfg_data.eval_split!r}, which the image folder lacks: evaluating on its "
+            f"{eval_split.split!r} split"
+        )
     num_classes = config.model.num_classes or train_split.num_classes
     if num_classes < train_split.num_classes:  # labels >= num_classes: a NaN loss at the first such label
         raise ValueError(
@@ -571,8 +601,9 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
     start = 0
     latest = manager.latest_step()
     if latest is not None:
+        _check_resumable(workdir, checkpointing.read_meta(manager, latest), model.architecture)
         state, meta = checkpointing.restore(
-            manager, latest, checkpointing.abstract(state, steps.state_shardings)
+            manager, latest, checkpointing.abstract(state, steps.state_shardings), check=False
         )
         start = int(meta["step"])
         if meta.get("data", {}).get("global_batch", G) != G:
@@ -647,6 +678,7 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
                 "dataset": cfg_data.dataset,
             },
             "metrics": metrics or {},
+            "architecture": model.architecture,
         }
         ranked = {"top1": float(metrics["top1"])} if metrics else None
         checkpointing.save(manager, step, state, meta, ranked)
@@ -709,6 +741,7 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # (step, outputs) since the last log row
     t_log, n_log = time.perf_counter(), 0
     t0 = time.perf_counter()
+    completed = False
     try:
         for step in range(start, total):
             images, labels = next(batches)
@@ -754,11 +787,13 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
             elif ckpt_every and done % ckpt_every == 0:
                 check_before_save(done)
                 save(done, None)
+        completed = True
     finally:
         bar.close()
-        manager.wait_until_finished()
-        manager.close()
-        if writer:
-            writer.close()
+        try:  # a run already failing closes the manager without raising a second error
+            checkpointing.finish(manager, raise_errors=completed)
+        finally:
+            if writer:
+                writer.close()
     _log(f"finished step {total} in {time.perf_counter() - t_start:.1f} s")
     return {"step": total, "steps_per_epoch": spe, "workdir": str(workdir), **last_eval}
