@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 import mbv3_jax
-from mbv3_jax.checkpoint import CHECKSUM_FILE, CheckpointIntegrityError, verify_checksums
+from mbv3_jax.checkpoint_io import CHECKSUM_FILE, CheckpointIntegrityError, verify_checksums
 from mbv3_jax.models import mobilenet_v3_large, mobilenet_v3_small
 from train import data, trainer
 from train.checkpointing import restore_host
@@ -300,7 +300,7 @@ FULL_DISK = """
         else:
             checkpointing.save(manager, 2, state, {"step": 2})
             checkpointing.finish(manager)
-    except mbv3_jax.checkpoint.CheckpointIOError as e:
+    except mbv3_jax.checkpoint_io.CheckpointIOError as e:
         print("error:", e, flush=True)
     """
 

@@ -11,7 +11,7 @@ its files in ``<step>/checksums.json`` (at the next save, or when the run ends, 
 saves stay asynchronous); :func:`restore`, :func:`read_meta` and :func:`restore_host` check them first
 and refuse a damaged file, naming it. A step without ``checksums.json`` (saved before they were
 recorded, or a run killed between a save's completion and the next one) is restored unverified, with a
-warning. A save that cannot be written raises one :class:`mbv3_jax.checkpoint.CheckpointIOError`
+warning. A save that cannot be written raises one :class:`mbv3_jax.checkpoint_io.CheckpointIOError`
 naming the directory and the cause.
 
 The workdir itself (:func:`setup_workdir`): one ``mbv3-train`` process (group) at a time, held by an
@@ -41,13 +41,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from mbv3_jax.checkpoint import (
+from mbv3_jax.checkpoint import read_tree_metadata, tree_mismatch
+from mbv3_jax.checkpoint_io import (
     CheckpointIOError,
     guard_write,
     hold_orbax_logs,
-    read_tree_metadata,
     release_orbax_logs,
-    tree_mismatch,
     verify_checksums,
     write_checksums,
 )

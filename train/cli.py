@@ -56,7 +56,7 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(config.to_json())
         return 0
-    from mbv3_jax.checkpoint import CheckpointIOError
+    from mbv3_jax.checkpoint_io import CheckpointIOError
     from train.data import DataError
     from train.trainer import TrainingDiverged, run
 
@@ -88,7 +88,7 @@ def average_main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="replace --out if it holds a model saved before (only that)"
     )
     args = parser.parse_args(argv)
-    from mbv3_jax.checkpoint import CheckpointIOError
+    from mbv3_jax.checkpoint_io import CheckpointIOError
     from train.average import average_checkpoints
 
     try:
@@ -134,7 +134,7 @@ def quantize_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    from mbv3_jax.checkpoint import CheckpointIOError
+    from mbv3_jax.checkpoint_io import CheckpointIOError
     from train.data import DataError
     from train.quantize import quantize_run
 
