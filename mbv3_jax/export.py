@@ -4,8 +4,14 @@ Every export traces the generic path (``backend.cpu_kernels(False)``): the CPU r
 conditionals on the platform that the TFLite converter and jax2onnx cannot lower, and an artifact
 should compute what a TPU or GPU computes. The exported program takes a normalized float32 NHWC batch
 (what ``mbv3_jax.transforms`` produces) at a fixed size, by default the model's eval size (224 for
-classifiers, 520 for segmentation, 320 for SSDlite); StableHLO and SavedModel leave the batch
-dimension symbolic unless ``batch`` fixes it.
+classifiers, 520 for segmentation, 320 for SSDlite, ``min_size`` squared for Faster R-CNN);
+StableHLO and SavedModel leave the batch dimension symbolic unless ``batch`` fixes it.
+
+Faster R-CNN exports to StableHLO only, whole: backbone, FPN, RPN with its top-k and NMS, RoIAlign,
+box head and the per-class NMS, with fixed-size padded detections out. Its program takes a second
+input, ``image_sizes`` (N, 2) int32: each image's (h, w) after torchvision's resize, the top-left
+part of the zero-padded input that holds the image (:func:`detection_inputs` makes both from photos,
+:func:`detections_per_image` maps the boxes back to the photos).
 
 Each artifact gets a JSON sidecar (``<artifact>.json``): input shape, dtype, layout, preprocessing,
 output names and shapes. SSDlite's post-processing (top-k, sort, batched NMS) exports only to
@@ -41,7 +47,8 @@ from flax import nnx
 from mbv3_jax import backend
 from mbv3_jax.checkpoint import is_saved_model, load
 from mbv3_jax.models import qat, quantization
-from mbv3_jax.models.detection import FasterRCNN
+from mbv3_jax.models.detection import SIZE_DIVISIBLE, FasterRCNN, resized_size
+from mbv3_jax.models.detection_utils import normalize_and_resize_images, unpad_detections
 from mbv3_jax.models.mobilenetv3 import MobileNetV3
 from mbv3_jax.models.segmentation import SegmentationModel
 from mbv3_jax.models.ssdlite import INPUT_HW as SSDLITE_HW
@@ -51,6 +58,8 @@ from mbv3_jax.transforms import IMAGENET_MEAN, IMAGENET_STD
 FORMATS = ("stablehlo", "tflite", "onnx", "saved_model")
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 INPUT_NAME = "images"
+SIZES_NAME = "image_sizes"  # Faster R-CNN's second input
+DETECTIONS = ("boxes", "scores", "labels", "num_detections")
 INSTALL_HINT = "pip install -e '.[export]'"
 # Packages each format imports (module name, what pip installs), checked before any work.
 _NEEDS = {
@@ -64,7 +73,16 @@ DEFAULT_SIZES = {"classifier": (224, 224), "segmentation": (520, 520), "ssdlite"
 SUPPORTED = (
     "classifiers (mobilenet_v3_large / mobilenet_v3_small, any builder option), segmentation "
     "(lraspp / deeplabv3 / fcn _mobilenet_v3_large) and ssdlite320_mobilenet_v3_large, "
-    f"to {', '.join(FORMATS)}"
+    f"to {', '.join(FORMATS)}; fasterrcnn_mobilenet_v3_large_320_fpn and "
+    "fasterrcnn_mobilenet_v3_large_fpn to stablehlo"
+)
+# Formats each family exports to (the others are refused with the reason below).
+FAMILY_FORMATS = {"faster_rcnn": ("stablehlo",)}
+FASTER_RCNN_REFUSAL = (
+    "Faster R-CNN exports to format 'stablehlo' only (whole detections, padded), not {format!r}: its "
+    "RoI heads (RoIAlign and the box head, most of its weights) run on the proposals left by the RPN's "
+    "top-k and NMS, which the TFLite converter and jax2onnx cannot convert (nor TensorFlow 2.21 read: "
+    "its StableHLO is older than JAX's top_k), so no network-only part splits off as SSDlite's head does"
 )
 
 
@@ -104,7 +122,7 @@ def _refuse_quantized(model: nnx.Module) -> None:
 
 
 def family_of(model: nnx.Module) -> str:
-    """ "classifier", "segmentation" or "ssdlite"; :class:`ExportError` for the others."""
+    """ "classifier", "segmentation", "ssdlite" or "faster_rcnn"; :class:`ExportError` for the others."""
     if isinstance(model, (quantization.QuantizedMobileNetV3, qat.QATMobileNetV3)):
         _refuse_quantized(model)
     if isinstance(model, MobileNetV3):
@@ -114,16 +132,14 @@ def family_of(model: nnx.Module) -> str:
     if isinstance(model, SSD):
         return "ssdlite"
     if isinstance(model, FasterRCNN):
-        raise ExportError(
-            "exporting Faster R-CNN is not supported yet (its transform resizes each image to its own "
-            f"padded size and its RoI heads take the sizes as inputs); supported: {SUPPORTED}"
-        )
+        return "faster_rcnn"
     raise ExportError(f"cannot export a {type(model).__name__}; supported: {SUPPORTED}")
 
 
 @dataclass(frozen=True)
 class Program:
-    """What gets exported: ``fn`` maps a (N, H, W, 3) float32 batch to a dict of ``output_names``."""
+    """What gets exported: ``fn`` maps a (N, H, W, 3) float32 batch (Faster R-CNN: and the (N, 2)
+    int32 image sizes) to a dict of ``output_names``."""
 
     builder: str
     family: str
@@ -131,6 +147,10 @@ class Program:
     output_names: tuple[str, ...]
     input_hw: tuple[int, int]
     postprocess: Callable[[jax.Array, jax.Array], dict[str, jax.Array]] | None = None
+
+    @property
+    def takes_sizes(self) -> bool:
+        return self.family == "faster_rcnn"
 
 
 def program(model: nnx.Module, input_hw: tuple[int, int], *, head_only: bool = False) -> Program:
@@ -152,9 +172,25 @@ def program(model: nnx.Module, input_hw: tuple[int, int], *, head_only: bool = F
     if family == "segmentation":
         names = ("out", "aux") if getattr(frozen, "aux_classifier", None) is not None else ("out",)
         return Program(builder, family, lambda x: dict(merged().forward(x)), names, input_hw)
+    if family == "faster_rcnn":
+        # RoIAlign's scale is inferred from the largest image (a static number): from the input size
+        # here, the same 1/32 as torchvision's whenever the images fill the input to within a stride.
+        def detect(x: jax.Array, image_sizes: jax.Array) -> dict[str, jax.Array]:
+            image_sizes = image_sizes.astype(jnp.int32)
+            if isinstance(x.shape[0], int):
+                return merged().forward_detect(x, image_sizes, input_hw)
+
+            # A symbolic batch: one image at a time (RoIAlign's box count is static). In eval mode
+            # each image's detections depend on it alone, so this is the batched program's result.
+            def one(args: tuple[jax.Array, jax.Array]) -> dict[str, jax.Array]:
+                out = merged().forward_detect(args[0][None], args[1][None], input_hw)
+                return {k: v[0] for k, v in out.items()}
+
+            return jax.lax.map(one, (x, image_sizes))
+
+        return Program(builder, family, detect, DETECTIONS, input_hw)
     if not head_only:
-        names = ("boxes", "scores", "labels", "num_detections")
-        return Program(builder, family, lambda x: merged().forward_detect(x), names, input_hw)
+        return Program(builder, family, lambda x: merged().forward_detect(x), DETECTIONS, input_hw)
     anchors = ssdlite_anchors(frozen, input_hw)
 
     def post(bbox_regression: jax.Array, cls_logits: jax.Array) -> dict[str, jax.Array]:
@@ -177,8 +213,12 @@ def ssdlite_anchors(model: SSD, input_hw: tuple[int, int] = SSDLITE_HW) -> np.nd
     return np.asarray(model.anchor_generator(input_hw, [f.shape[1:3] for f in features]))
 
 
-def _check_input_hw(family: str, input_size: Sequence[int] | int | None) -> tuple[int, int]:
+def _check_input_hw(
+    family: str, input_size: Sequence[int] | int | None, model: nnx.Module | None = None
+) -> tuple[int, int]:
     if input_size is None:
+        if family == "faster_rcnn":
+            return model.config.min_size, model.config.min_size
         return DEFAULT_SIZES[family]
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
@@ -188,6 +228,12 @@ def _check_input_hw(family: str, input_size: Sequence[int] | int | None) -> tupl
         raise ExportError(
             f"SSDlite takes {SSDLITE_HW[0]}x{SSDLITE_HW[1]} inputs only (torchvision's transform resizes "
             f"every image to it; its default boxes are laid out for it), got {size[0]}x{size[1]}"
+        )
+    if family == "faster_rcnn" and (size[0] % SIZE_DIVISIBLE or size[1] % SIZE_DIVISIBLE):
+        up = [-(-s // SIZE_DIVISIBLE) * SIZE_DIVISIBLE for s in size]
+        raise ExportError(
+            f"Faster R-CNN takes inputs padded to multiples of {SIZE_DIVISIBLE} (torchvision's transform "
+            f"pads its batch so), got {size[0]}x{size[1]}: use {up[0]}x{up[1]}"
         )
     return size
 
@@ -234,10 +280,12 @@ def export(
         raise FileExistsError(f"{out_path} exists: pass overwrite=True (--overwrite) to replace it")
     if not out_path.parent.is_dir():
         raise FileNotFoundError(f"{out_path.parent} (the directory of {out_path.name}) does not exist")
-    _require(format)
     model = load_source(source)
     family = family_of(model)
-    input_hw = _check_input_hw(family, input_size)
+    if format not in FAMILY_FORMATS.get(family, FORMATS):
+        raise ExportError(FASTER_RCNN_REFUSAL.format(format=format))
+    input_hw = _check_input_hw(family, input_size, model)
+    _require(format)
     head_only = family == "ssdlite" and format != "stablehlo"
     prog = program(model, input_hw, head_only=head_only)
     if batch is None and format in ("tflite", "onnx"):
@@ -259,7 +307,7 @@ def export(
                     "file": post_path.name,
                     "format": "stablehlo",
                     "inputs": list(prog.output_names),
-                    "outputs": ["boxes", "scores", "labels", "num_detections"],
+                    "outputs": list(DETECTIONS),
                     "note": "batched NMS and top-k do not convert to this format; run them with "
                     "mbv3_jax.export.run (or load_stablehlo) on the artifact's outputs",
                 }
@@ -329,9 +377,17 @@ def _staged(path: Path) -> Iterator[Path]:
 
 
 def _input_spec(prog: Program, batch: int | None) -> jax.ShapeDtypeStruct:
+    return _input_specs(prog, batch)[0]
+
+
+def _input_specs(prog: Program, batch: int | None) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The program's arguments: the images, and Faster R-CNN's image sizes (same batch dimension)."""
     h, w = prog.input_hw
     shape = jax.export.symbolic_shape(f"b, {h}, {w}, 3") if batch is None else (batch, h, w, 3)
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
+    images = jax.ShapeDtypeStruct(shape, jnp.float32)
+    if not prog.takes_sizes:
+        return (images,)
+    return images, jax.ShapeDtypeStruct((shape[0], 2), jnp.int32)
 
 
 def _as_tuple(prog: Program) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
@@ -352,7 +408,7 @@ def _export_postprocess(prog: Program, platforms: Sequence[str]) -> jax.export.E
 
 
 def _write_stablehlo(prog, tmp: Path, batch, platforms, float16_weights) -> dict[str, Any]:
-    exported = jax.export.export(jax.jit(prog.fn), platforms=platforms)(_input_spec(prog, batch))
+    exported = jax.export.export(jax.jit(prog.fn), platforms=platforms)(*_input_specs(prog, batch))
     tmp.write_bytes(exported.serialize())
     out_tree = jax.tree_util.tree_unflatten(exported.out_tree, exported.out_avals)
     return {name: out_tree[name] for name in prog.output_names}
@@ -435,7 +491,7 @@ def _write_onnx(prog, tmp: Path, batch, platforms, float16_weights) -> dict[str,
 
 
 def _abstract_outputs(prog: Program, batch: int | None) -> dict[str, Any]:
-    out = jax.eval_shape(prog.fn, _input_spec(prog, batch))
+    out = jax.eval_shape(prog.fn, *_input_specs(prog, batch))
     return {name: out[name] for name in prog.output_names}
 
 
@@ -444,6 +500,21 @@ def _dims(shape: Sequence[Any]) -> list[int | str]:
 
 
 def _preprocessing(model: nnx.Module, family: str, input_hw: tuple[int, int]) -> dict[str, Any]:
+    if family == "faster_rcnn":
+        cfg = model.config
+        return {
+            "mean": list(cfg.image_mean),
+            "std": list(cfg.image_std),
+            "steps": f"RGB in [0, 1] (pixels / 255), then (x - mean) / std, then resized (bilinear, no "
+            f"antialias) as torchvision's transform does: shorter side {cfg.min_size}, longer side at "
+            f"most {cfg.max_size} (scale = min({cfg.min_size} / short, {cfg.max_size} / long), sizes "
+            f"floored), put at the top-left of a zero {input_hw[0]}x{input_hw[1]} input; "
+            f"'{SIZES_NAME}' gets the resized (h, w). torchvision pads a batch to the next multiple of "
+            f"{SIZE_DIVISIBLE} of its largest image: export at that size (--size H W) to get "
+            "torchvision's detections exactly (the padding reaches the network)",
+            "python": "mbv3_jax.export.detection_inputs(model, photos, input_hw) -> (images, "
+            "image_sizes, original sizes)",
+        }
     if family == "ssdlite":
         return {
             "mean": list(model.config.image_mean),
@@ -464,7 +535,7 @@ def _preprocessing(model: nnx.Module, family: str, input_hw: tuple[int, int]) ->
 
 def _describe(model, prog: Program, format: str, batch, platforms, float16_weights, outputs) -> dict:
     h, w = prog.input_hw
-    return {
+    info = {
         "format": format,
         "builder": prog.builder,
         "architecture": model.architecture,
@@ -484,6 +555,26 @@ def _describe(model, prog: Program, format: str, batch, platforms, float16_weigh
         "float16_weights": bool(float16_weights),
         "exporter": "mbv3_jax.export (generic path: no CPU-specific rewrites)",
     }
+    if prog.takes_sizes:
+        info["input"]["image_sizes"] = {
+            "name": SIZES_NAME,
+            "shape": [info["input"]["shape"][0], 2],
+            "dtype": "int32",
+            "meaning": "per image, the (h, w) of the resized image in the top-left corner of the input "
+            "(the rest is zero padding); proposals and boxes are clipped to it. mbv3_jax.export.run "
+            f"defaults it to the whole input ({h}, {w}). RoIAlign's scale is fixed from the input "
+            "height (1/32); torchvision infers it from the batch's tallest resized image, the same "
+            f"scale while that image is taller than {h} / sqrt(2)",
+        }
+        info["detections"] = {
+            "boxes": "(x1, y1, x2, y2) in the input's pixels (the resized image's frame); to map back to a "
+            "photo multiply x by photo_w / resized_w and y by photo_h / resized_h (float32 ratios, as "
+            "torchvision's resize_boxes): mbv3_jax.export.detections_per_image",
+            "padding": f"the first num_detections rows of each image are detections (at most "
+            f"{model.config.box_detections_per_img}, by descending score); the rest are zeros",
+            "labels": "class indices, 1..num_classes-1 (0 is the background)",
+        }
+    return info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,19 +587,29 @@ def load_stablehlo(path: str | os.PathLike) -> Callable[..., Any]:
 
 
 def run(
-    path: str | os.PathLike, images: np.ndarray, *, num_threads: int | None = None
+    path: str | os.PathLike,
+    images: np.ndarray,
+    *,
+    image_sizes: np.ndarray | None = None,
+    num_threads: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Run an exported artifact in its own runtime (StableHLO: ``jax.export``; tflite: LiteRT's
     Interpreter; onnx: onnxruntime on the CPU; saved_model: TensorFlow) on a normalized float32 NHWC
     batch; returns its named outputs. SSDlite head outputs come with the detections of the
-    post-processing program written beside them."""
+    post-processing program written beside them. ``image_sizes`` (Faster R-CNN): (N, 2) resized
+    (h, w) per image, default the whole input."""
     path = Path(path)
     info = json.loads(sidecar(path).read_text())
     fmt = info["format"]
     _require(fmt)
     images = np.ascontiguousarray(images, np.float32)
+    args = [images]
+    if SIZES_NAME in info["input"]:
+        args.append(_image_sizes(images, image_sizes))
+    elif image_sizes is not None:
+        raise ValueError(f"{path} takes no image_sizes (only Faster R-CNN artifacts do)")
     if fmt == "stablehlo":
-        out = {k: np.asarray(v) for k, v in load_stablehlo(path)(images).items()}
+        out = {k: np.asarray(v) for k, v in load_stablehlo(path)(*args).items()}
     elif fmt == "tflite":
         from ai_edge_litert.interpreter import Interpreter
 
@@ -535,13 +636,23 @@ def run(
     return out
 
 
-def reference(model: nnx.Module, images: np.ndarray, *, head_only: bool = False) -> dict[str, np.ndarray]:
+def reference(
+    model: nnx.Module,
+    images: np.ndarray,
+    *,
+    head_only: bool = False,
+    image_sizes: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """What the exported program computes, run by JAX (generic path) on ``images``: the model's eval
-    outputs under the artifact's names (``head_only``: SSDlite's head outputs and its detections)."""
+    outputs under the artifact's names (``head_only``: SSDlite's head outputs and its detections;
+    ``image_sizes``: Faster R-CNN's second input, default the whole input)."""
     model = load_source(model)
     prog = program(model, tuple(images.shape[1:3]), head_only=head_only)
+    args = [images]
+    if prog.takes_sizes:
+        args.append(_image_sizes(images, image_sizes))
     with backend.cpu_kernels(False):
-        out = {k: np.asarray(v) for k, v in jax.jit(prog.fn)(images).items()}
+        out = {k: np.asarray(v) for k, v in jax.jit(prog.fn)(*args).items()}
         if prog.postprocess is not None:
             post = jax.jit(prog.postprocess)(*(out[n] for n in prog.output_names))
             out.update({k: np.asarray(v) for k, v in post.items()})
@@ -557,3 +668,58 @@ def max_relative_error(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndar
         scale = np.max(np.abs(ref)) if ref.size else 0.0
         errors[name] = float(diff / scale) if scale else float(diff)
     return errors
+
+
+def _image_sizes(images: np.ndarray, image_sizes: np.ndarray | None) -> np.ndarray:
+    n, h, w = images.shape[:3]
+    if image_sizes is None:
+        return np.tile(np.array([h, w], np.int32), (n, 1))
+    sizes = np.asarray(image_sizes)
+    if sizes.shape != (n, 2) or not np.issubdtype(sizes.dtype, np.integer):
+        raise ValueError(f"image_sizes must be ({n}, 2) integers (h, w), got {sizes.shape} {sizes.dtype}")
+    if (sizes < 1).any() or (sizes[:, 0] > h).any() or (sizes[:, 1] > w).any():
+        raise ValueError(f"image_sizes must lie within the {h}x{w} input, got {sizes.tolist()}")
+    return sizes.astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Faster R-CNN's transform, outside the exported program
+
+
+def detection_inputs(
+    model: nnx.Module, photos: Sequence[Any], input_hw: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """torchvision's ``GeneralizedRCNNTransform`` for a Faster R-CNN artifact of ``input_hw``
+    (default: ``min_size`` squared): each HWC photo in [0, 1] normalized, resized (shorter side
+    ``min_size``, longer at most ``max_size``) and put at the top-left of a zero input.
+
+    Returns (images (N, H, W, 3) float32, image_sizes (N, 2) int32, the photos' (h, w)). The
+    artifact's detections equal the model's (``model(photos)``) when ``input_hw`` is the padded
+    size torchvision's transform gives the batch (the largest resized size rounded up to a multiple
+    of 32); a photo whose resized size does not fit is refused, naming the size it needs."""
+    if not isinstance(model, FasterRCNN):
+        raise ExportError(f"detection_inputs is Faster R-CNN's transform, not {type(model).__name__}'s")
+    cfg = model.config
+    h, w = _check_input_hw("faster_rcnn", input_hw, model)
+    resized, sizes, originals = normalize_and_resize_images(
+        photos, cfg.image_mean, cfg.image_std, lambda ph, pw: resized_size(ph, pw, cfg.min_size, cfg.max_size)
+    )
+    batch = np.zeros((len(resized), h, w, 3), np.float32)
+    for i, (img, (rh, rw)) in enumerate(zip(resized, sizes, strict=True)):
+        if rh > h or rw > w:
+            need = [-(-s // SIZE_DIVISIBLE) * SIZE_DIVISIBLE for s in (rh, rw)]
+            raise ExportError(
+                f"photo {i} ({originals[i][0]}x{originals[i][1]}) resizes to {rh}x{rw}, larger than the "
+                f"{h}x{w} input: export with input_size={tuple(need)} (--size {need[0]} {need[1]})"
+            )
+        batch[i, :rh, :rw] = np.asarray(img)
+    return batch, np.asarray(sizes, np.int32), originals
+
+
+def detections_per_image(
+    out: Mapping[str, np.ndarray], image_sizes: np.ndarray, original_sizes: Sequence[Sequence[int]]
+) -> list[dict[str, np.ndarray]]:
+    """A Faster R-CNN artifact's padded outputs as the model's eval results: per image the first
+    ``num_detections`` {"boxes", "scores", "labels"}, boxes mapped from the resized image back to
+    the photo (what ``model(photos)`` returns)."""
+    return unpad_detections(out, [tuple(s) for s in np.asarray(image_sizes)], original_sizes)

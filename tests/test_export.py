@@ -133,6 +133,88 @@ def test_ssdlite_head_and_postprocess(tmp_path, ssdlite, fmt):
 
 
 # ------------------------------------------------------------------------------------------------
+# Faster R-CNN: whole detections in StableHLO, its transform outside (detection_inputs); the other
+# formats refused
+
+
+def _match_detections(got: dict, want: dict, min_iou: float = 0.99, max_score_diff: float = 1e-4) -> int:
+    """Pairs each wanted detection with an unused one of the same label at IoU >= min_iou and
+    |score difference| <= max_score_diff; asserts all pair up and returns how many were identical."""
+    from mbv3_jax.ops.boxes import box_iou
+
+    assert len(got["scores"]) == len(want["scores"])
+    if not len(want["scores"]):
+        return 0
+    iou = np.asarray(box_iou(want["boxes"], got["boxes"]))
+    used = np.zeros(len(got["scores"]), bool)
+    identical = 0
+    for i in range(len(want["scores"])):
+        ok = (
+            ~used
+            & (got["labels"] == want["labels"][i])
+            & (np.abs(got["scores"] - want["scores"][i]) <= max_score_diff)
+        )
+        j = int(np.argmax(np.where(ok, iou[i], -1.0)))
+        assert ok[j] and iou[i, j] >= min_iou, (i, want["boxes"][i], want["scores"][i], iou[i, j])
+        used[j] = True
+        identical += bool(
+            np.array_equal(got["boxes"][j], want["boxes"][i]) and got["scores"][j] == want["scores"][i]
+        )
+    return identical
+
+
+def test_faster_rcnn_stablehlo_detections(tmp_path):
+    from mbv3_jax import backend
+
+    # Few classes: softmax scores of random weights clear the 0.05 threshold, so detections come out.
+    model = mbv3_jax.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3)
+    model.eval()
+    rng = np.random.default_rng(0)
+    # A square photo (resized to 320x320) and a landscape one (320x416): torchvision pads the batch
+    # to 320x416, the size the artifact is exported at.
+    photos = [rng.uniform(0, 1, (h, w, 3)).astype(np.float32) for h, w in ((240, 240), (200, 260))]
+    out = ex.export(model, tmp_path / "frcnn.stablehlo", "stablehlo", input_size=(320, 416))
+    info = json.loads(ex.sidecar(out).read_text())
+    assert info["family"] == "faster_rcnn" and info["input"]["shape"] == ["b", 320, 416, 3]
+    assert info["input"]["image_sizes"]["shape"] == ["b", 2]
+    assert [o["name"] for o in info["outputs"]] == ["boxes", "scores", "labels", "num_detections"]
+    assert info["outputs"][0]["shape"] == ["b", 100, 4]
+
+    x, sizes, originals = ex.detection_inputs(model, photos, (320, 416))
+    batch, model_sizes, _ = model.preprocess(photos)
+    np.testing.assert_array_equal(x, np.asarray(batch))  # detection_inputs is the model's transform
+    np.testing.assert_array_equal(sizes, model_sizes)
+    assert sizes.tolist() == [[320, 320], [320, 416]] and originals == [(240, 240), (200, 260)]
+    raw = ex.run(out, x, image_sizes=sizes)  # a symbolic batch of 2: one image at a time
+    for name, value in ex.reference(model, x, image_sizes=sizes).items():
+        np.testing.assert_array_equal(raw[name], value, err_msg=name)  # the same program: bit-exact
+    got = ex.detections_per_image(raw, sizes, originals)
+    with backend.cpu_kernels(False):  # the batched program of the model's own call (generic path)
+        want = model(photos)
+    for g, w in zip(got, want, strict=True):
+        assert len(w["scores"]) > 10
+        _match_detections(g, w)
+    # Padding slots are zeros.
+    n = int(raw["num_detections"][0])
+    assert n < 100 or np.all(raw["scores"][0, n:] == 0)
+
+
+def test_faster_rcnn_refusals(tmp_path):
+    model = mbv3_jax.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3)
+    for fmt in ("tflite", "onnx", "saved_model"):
+        with pytest.raises(ex.ExportError, match=f"Faster R-CNN exports to format 'stablehlo' only.*{fmt}"):
+            ex.export(model, tmp_path / f"f.{fmt}", fmt)
+    with pytest.raises(ex.ExportError, match="multiples of 32.*got 320x300: use 320x320"):
+        ex.export(model, tmp_path / "f.stablehlo", "stablehlo", input_size=(320, 300))
+    photo = np.zeros((100, 200, 3), np.float32)  # resizes to 320x640
+    with pytest.raises(ex.ExportError, match=r"resizes to 320x640.*input_size=\(320, 640\)"):
+        ex.detection_inputs(model, [photo])
+    with pytest.raises(ValueError, match="image_sizes must lie within the 320x320 input"):
+        ex.reference(model, np.zeros((1, 320, 320, 3), np.float32), image_sizes=np.array([[321, 320]]))
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
 # Bad input: one clear error each
 
 
@@ -144,8 +226,6 @@ def small():
 def test_unsupported_models(tmp_path):
     with pytest.raises(ex.ExportError, match="not supported yet"):
         ex.export(mbv3_jax.get_model("quantized_mobilenet_v3_large"), tmp_path / "q.tflite", "tflite")
-    with pytest.raises(ex.ExportError, match="Faster R-CNN is not supported yet"):
-        ex.export(mbv3_jax.get_model("fasterrcnn_mobilenet_v3_large_320_fpn"), tmp_path / "f", "stablehlo")
     assert list(tmp_path.iterdir()) == []
 
 
