@@ -85,7 +85,9 @@ def export_main(argv: list[str] | None = None) -> int:
         description="Export a model off JAX. SOURCE: a directory written by mbv3_jax.save, a mbv3-train "
         "workdir (latest checkpoint, or --step), or a torchvision checkpoint (.pth / .safetensors, with "
         "--builder). The artifact takes a normalized float32 NHWC batch at a fixed size (default: the "
-        "model's eval size, 224 / 520 / 320); a JSON description is written beside it (PATH.json). "
+        "model's eval size: 224 classifiers, 520 segmentation, 320 SSDlite, min_size squared Faster R-CNN, "
+        "which also takes each image's resized size as image_sizes); a JSON description is written "
+        "beside it (PATH.json). "
         f"Supported: {ex.SUPPORTED}.",
     )
     parser.add_argument("source", help="saved model directory, mbv3-train workdir or torchvision checkpoint")
@@ -130,6 +132,8 @@ def export_main(argv: list[str] | None = None) -> int:
     outputs = ", ".join(f"{o['name']} {o['shape']}" for o in info["outputs"])
     print(f"wrote {out} ({args.format}, {seconds:.1f} s): input images {shape} float32 NHWC (normalized), "
           f"outputs {outputs}; described in {ex.sidecar(out)}")  # fmt: skip
+    if "image_sizes" in info["input"]:
+        print("  second input image_sizes (b, 2) int32: each image's resized height, width (see PATH.json)")
     if "postprocess" in info:
         print(
             f"  post-processing (top-k, NMS) not in this format: {out.parent / info['postprocess']['file']}"
