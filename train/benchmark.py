@@ -1,12 +1,15 @@
-"""Training throughput: the trainer's jitted step vs torchvision eager, same model, batch and optimizer.
+"""Training throughput: the trainer's jitted step vs torchvision, same model, batch and optimizer.
 
 ``python -m train.benchmark --model mobilenet_v3_large --batch 32 --size 224 --steps 10``
 
-Both sides run one full optimizer step per iteration (forward, cross-entropy, backward, PyTorch-mode
-RMSProp with weight decay) on random images, in one process, alternating rounds, and the median
-images/s is reported. Compile time of the JAX step is reported separately. On CPU, compare both sides
-under the same ``GLIBC_TUNABLES`` setting, because the allocator setting moves both frameworks' speed
-(see docs/performance.md).
+Every side runs one full optimizer step per iteration (forward, cross-entropy, backward, PyTorch-mode
+RMSProp with weight decay) on random images, in one process, taking turns round by round (JAX, torch
+eager NCHW, torch eager channels_last, ``torch.compile``-d model, JAX, ...), and the median images/s
+of each is reported with JAX's ratio to the fastest torch side. ``torch.compile`` compiles the model
+(inductor, forward and backward; the loss and the optimizer step stay eager). Compile times (the
+JAX step's, and the compiled torch model's first step) are reported separately. On CPU, compare the
+sides under the same ``GLIBC_TUNABLES`` setting, because the allocator setting moves both frameworks'
+speed (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -54,7 +57,10 @@ def torch_step_runner(
     num_classes: int = 1000,
     channels_last: bool = False,
     device: str = "cpu",
+    compile: bool = False,
 ):
+    """A callable running one torch training step and blocking. ``compile``: the model through
+    ``torch.compile`` (inductor; a fresh compile, static shapes)."""
     import torch
     import torchvision
 
@@ -67,15 +73,24 @@ def torch_step_runner(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
+    forward = model
+    if compile:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+        forward = torch.compile(model, dynamic=False)
 
     def run() -> None:
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        torch.nn.functional.cross_entropy(forward(x), y).backward()
         opt.step()
         if device != "cpu":
             torch.cuda.synchronize()  # CUDA calls return before the work is done
 
     return run
+
+
+TORCH_SIDES = ("eager", "channels_last", "compile")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,35 +102,63 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--torch-device", default="cpu", help="torchvision device (cuda: JAX on a GPU)")
-    parser.add_argument("--channels-last", action="store_true", help="torchvision in channels_last")
+    parser.add_argument(
+        "--torch", nargs="+", choices=TORCH_SIDES, default=list(TORCH_SIDES), dest="sides",
+        help="torch sides: eager (NCHW), channels_last (eager), compile (torch.compile, inductor)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--channels-last", action="store_true", help="torch channels_last only (= --torch channels_last)"
+    )
     args = parser.parse_args(argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    sides = ["channels_last"] if args.channels_last else list(dict.fromkeys(args.sides))
     compile_s, jax_run = jax_step_runner(args.model, args.batch, args.size)
-    torch_run = torch_step_runner(
-        args.model, args.batch, args.size, channels_last=args.channels_last, device=args.torch_device
-    )
-    jax_run()
-    torch_run()  # warm-up
-    rates: dict[str, list[float]] = {"jax": [], "torch": []}
+    runs = {"jax": jax_run}
+    for side in sides:
+        runs[side] = torch_step_runner(
+            args.model,
+            args.batch,
+            args.size,
+            channels_last=side == "channels_last",
+            device=args.torch_device,
+            compile=side == "compile",
+        )
+    first_s = {}
+    for side, fn in runs.items():  # warm-up; the compiled torch model compiles in its first step
+        t = time.perf_counter()
+        fn()
+        first_s[side] = time.perf_counter() - t
+        fn()
+    rates: dict[str, list[float]] = {side: [] for side in runs}
     for _ in range(args.rounds):
-        for side, fn in (("jax", jax_run), ("torch", torch_run)):
+        for side, fn in runs.items():
             t = time.perf_counter()
             for _ in range(args.steps):
                 fn()
             rates[side].append(args.steps * args.batch / (time.perf_counter() - t))
+    median = {side: statistics.median(r) for side, r in rates.items()}
+    fastest = max(sides, key=median.__getitem__)
     result = {
         "model": args.model,
         "batch": args.batch,
         "size": args.size,
         "jax_backend": jax.default_backend(),
         "torch_device": args.torch_device,
+        "torch_threads": torch.get_num_threads(),
         "jax_compile_s": round(compile_s, 1),
-        "jax_images_per_s": round(statistics.median(rates["jax"]), 1),
-        "torch_eager_images_per_s": round(statistics.median(rates["torch"]), 1),
+        "jax_images_per_s": round(median["jax"], 1),
     }
+    for side in sides:
+        result[f"torch_{side}_images_per_s"] = round(median[side], 1)
+    if "compile" in sides:
+        result["torch_compile_first_step_s"] = round(first_s["compile"], 1)
+    result["fastest_torch"] = fastest
+    result["jax_over_fastest_torch"] = round(median["jax"] / median[fastest], 2)
+    if "eager" in sides:
+        result["jax_over_torch_eager"] = round(median["jax"] / median["eager"], 2)
     print(json.dumps(result))
     return 0
 
