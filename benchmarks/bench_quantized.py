@@ -1,5 +1,6 @@
 """Eval throughput of the quantized MobileNetV3-Large: the JAX integer model (``model(x)``, compiled)
-vs torch's converted quantized model on the qnnpack and x86 engines, and the JAX float model.
+vs torch's converted quantized model on the qnnpack and x86 engines, the JAX float model and, with
+the "export" extra installed, the JAX integer model exported to a LiteRT int8 model (XNNPACK).
 
 One process, same inputs; the systems alternate (A, B, C, D, A, B, ...) in ~0.5 s blocks and the
 script prints medians and how many times faster the JAX integer model is than each system
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
+import os
 import statistics
 import warnings
 from collections.abc import Callable
@@ -82,7 +85,21 @@ def build(batch: int) -> tuple[dict[str, Callable[[], object]], str]:
         "torch x86": torch_run("x86"),
         "JAX float32": lambda: jax.block_until_ready(float_model(x_jax)),
     }
+    if importlib.util.find_spec("ai_edge_litert") is not None:  # the "export" extra
+        runs["LiteRT int8"] = litert_int8_runner(int_model, x_np)
     return runs, "JAX int8"
+
+
+def litert_int8_runner(int_model, x: np.ndarray) -> Callable[[], object]:
+    """The JAX integer model exported to a LiteRT int8 model (mbv3_jax.litert_int8) for this batch,
+    run by LiteRT's Interpreter with its default XNNPACK delegate on all cores."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mbv3_jax.litert_int8 import int8_tflite
+
+    content = int8_tflite(int_model, x.shape[1:3], batch=x.shape[0])
+    runner = Interpreter(model_content=content, num_threads=os.cpu_count()).get_signature_runner()
+    return lambda: runner(images=x)
 
 
 def main() -> None:

@@ -19,6 +19,9 @@ StableHLO; for the other formats the artifact holds the network (the head output
 post-processing is written beside it as a StableHLO program (``<artifact>.postprocess.stablehlo``)
 that :func:`run` applies (or :func:`load_stablehlo` loads).
 
+The int8 model (``quantized_mobilenet_v3_large``) exports to "tflite" only, as a LiteRT integer model
+written op for op from its own integers and scales (``mbv3_jax.litert_int8``), not traced.
+
 TensorFlow, ai-edge-litert, jax2onnx and onnxruntime are imported only by the formats that need them
 (``pip install -e '.[export]'``).
 """
@@ -26,6 +29,7 @@ TensorFlow, ai-edge-litert, jax2onnx and onnxruntime are imported only by the fo
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import json
@@ -67,22 +71,34 @@ _NEEDS = {
     "tflite": (("tensorflow", "tensorflow-cpu"), ("ai_edge_litert", "ai-edge-litert")),
     "onnx": (("jax2onnx", "jax2onnx"), ("onnx", "onnx"), ("onnxruntime", "onnxruntime")),
     "saved_model": (("tensorflow", "tensorflow-cpu"),),
+    "int8_tflite": (("ai_edge_litert", "ai-edge-litert"),),  # written without TensorFlow
 }
 # The model's eval input size per family (torchvision's eval presets).
-DEFAULT_SIZES = {"classifier": (224, 224), "segmentation": (520, 520), "ssdlite": SSDLITE_HW}
+DEFAULT_SIZES = {
+    "classifier": (224, 224),
+    "int8_classifier": (224, 224),
+    "segmentation": (520, 520),
+    "ssdlite": SSDLITE_HW,
+}
 SUPPORTED = (
     "classifiers (mobilenet_v3_large / mobilenet_v3_small, any builder option), segmentation "
     "(lraspp / deeplabv3 / fcn _mobilenet_v3_large) and ssdlite320_mobilenet_v3_large, "
     f"to {', '.join(FORMATS)}; fasterrcnn_mobilenet_v3_large_320_fpn and "
-    "fasterrcnn_mobilenet_v3_large_fpn to stablehlo"
+    "fasterrcnn_mobilenet_v3_large_fpn to stablehlo; quantized_mobilenet_v3_large (int8) to tflite"
 )
 # Formats each family exports to (the others are refused with the reason below).
-FAMILY_FORMATS = {"faster_rcnn": ("stablehlo",)}
+FAMILY_FORMATS = {"faster_rcnn": ("stablehlo",), "int8_classifier": ("tflite",)}
 FASTER_RCNN_REFUSAL = (
     "Faster R-CNN exports to format 'stablehlo' only (whole detections, padded), not {format!r}: its "
     "RoI heads (RoIAlign and the box head, most of its weights) run on the proposals left by the RPN's "
     "top-k and NMS, which the TFLite converter and jax2onnx cannot convert (nor TensorFlow 2.21 read: "
     "its StableHLO is older than JAX's top_k), so no network-only part splits off as SSDlite's head does"
+)
+
+
+INT8_REFUSAL = (
+    "the int8 model (quantized_mobilenet_v3_large) exports to format 'tflite' only (a LiteRT integer "
+    "model with its own scales and integers), not {format!r}"
 )
 
 
@@ -114,17 +130,16 @@ def load_source(source: nnx.Module | str | os.PathLike) -> nnx.Module:
     )
 
 
-def _refuse_quantized(model: nnx.Module) -> None:
-    raise ExportError(
-        f"exporting {type(model).__name__} (int8 / quantization-aware) is not supported yet; "
-        f"supported: {SUPPORTED}"
-    )
-
-
 def family_of(model: nnx.Module) -> str:
-    """ "classifier", "segmentation", "ssdlite" or "faster_rcnn"; :class:`ExportError` for the others."""
-    if isinstance(model, (quantization.QuantizedMobileNetV3, qat.QATMobileNetV3)):
-        _refuse_quantized(model)
+    """ "classifier", "int8_classifier", "segmentation", "ssdlite" or "faster_rcnn";
+    :class:`ExportError` for the others."""
+    if isinstance(model, qat.QATMobileNetV3):
+        raise ExportError(
+            "a quantization-aware (QAT) model is a training model: convert it to the int8 model first "
+            "(mbv3_jax.models.qat.convert, or mbv3-quantize) and export that to 'tflite'"
+        )
+    if isinstance(model, quantization.QuantizedMobileNetV3):
+        return "int8_classifier"
     if isinstance(model, MobileNetV3):
         return "classifier"
     if isinstance(model, SegmentationModel):
@@ -167,7 +182,7 @@ def program(model: nnx.Module, input_hw: tuple[int, int], *, head_only: bool = F
     def merged() -> Any:
         return nnx.merge(graphdef, state)
 
-    if family == "classifier":
+    if family in ("classifier", "int8_classifier"):
         return Program(builder, family, lambda x: {"logits": merged().forward(x)}, ("logits",), input_hw)
     if family == "segmentation":
         names = ("out", "aux") if getattr(frozen, "aux_classifier", None) is not None else ("out",)
@@ -283,9 +298,12 @@ def export(
     model = load_source(source)
     family = family_of(model)
     if format not in FAMILY_FORMATS.get(family, FORMATS):
-        raise ExportError(FASTER_RCNN_REFUSAL.format(format=format))
+        refusal = INT8_REFUSAL if family == "int8_classifier" else FASTER_RCNN_REFUSAL
+        raise ExportError(refusal.format(format=format))
     input_hw = _check_input_hw(family, input_size, model)
-    _require(format)
+    if family == "int8_classifier" and float16_weights:
+        raise ExportError("float16_weights does not apply to the int8 model (its weights are int8)")
+    _require("int8_tflite" if family == "int8_classifier" else format)
     head_only = family == "ssdlite" and format != "stablehlo"
     prog = program(model, input_hw, head_only=head_only)
     if batch is None and format in ("tflite", "onnx"):
@@ -293,6 +311,8 @@ def export(
     writer = {"stablehlo": _write_stablehlo, "tflite": _write_tflite, "onnx": _write_onnx}.get(
         format, _write_saved_model
     )
+    if family == "int8_classifier":
+        writer = functools.partial(_write_int8_tflite, model)
     post_path = out_path.with_name(out_path.name + ".postprocess.stablehlo")
     sidecar_path = sidecar(out_path)
     with backend.cpu_kernels(False):
@@ -454,6 +474,13 @@ def _write_tflite(prog, tmp: Path, batch, platforms, float16_weights) -> dict[st
     return _abstract_outputs(prog, batch)
 
 
+def _write_int8_tflite(model, prog, tmp: Path, batch, platforms, float16_weights) -> dict[str, Any]:
+    from mbv3_jax.litert_int8 import int8_tflite
+
+    tmp.write_bytes(int8_tflite(model, prog.input_hw, batch))
+    return _abstract_outputs(prog, batch)
+
+
 def _write_saved_model(prog, tmp: Path, batch, platforms, float16_weights) -> dict[str, Any]:
     import tensorflow as tf
 
@@ -555,6 +582,17 @@ def _describe(model, prog: Program, format: str, batch, platforms, float16_weigh
         "float16_weights": bool(float16_weights),
         "exporter": "mbv3_jax.export (generic path: no CPU-specific rewrites)",
     }
+    if prog.family == "int8_classifier":
+        info["exporter"] = "mbv3_jax.litert_int8 (the int8 model's own integers and scales, op for op)"
+        info["quantization"] = {
+            "activations": "int8, per tensor (torch's uint8 minus 128, zero points likewise)",
+            "weights": "int8, per tensor, zero point 0 (depthwise: the scale repeated per channel)",
+            "bias": "int32 at scale s_in * s_w",
+            "input": "float32, quantized by the model's first op (QUANTIZE, torch's QuantStub)",
+            "output": "float32 logits (DEQUANTIZE); tensor 'classifier.3' holds them as int8",
+            "arithmetic": "LiteRT's integer kernels, which round differently from the "
+            f"'{model.backend}' engine the model follows; see the README for the measured agreement",
+        }
     if prog.takes_sizes:
         info["input"]["image_sizes"] = {
             "name": SIZES_NAME,
@@ -601,7 +639,7 @@ def run(
     path = Path(path)
     info = json.loads(sidecar(path).read_text())
     fmt = info["format"]
-    _require(fmt)
+    _require("int8_tflite" if info["family"] == "int8_classifier" else fmt)
     images = np.ascontiguousarray(images, np.float32)
     args = [images]
     if SIZES_NAME in info["input"]:

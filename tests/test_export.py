@@ -224,9 +224,33 @@ def small():
 
 
 def test_unsupported_models(tmp_path):
-    with pytest.raises(ex.ExportError, match="not supported yet"):
-        ex.export(mbv3_jax.get_model("quantized_mobilenet_v3_large"), tmp_path / "q.tflite", "tflite")
+    int8 = mbv3_jax.get_model("quantized_mobilenet_v3_large")
+    with pytest.raises(ex.ExportError, match="int8 model .* exports to format 'tflite' only"):
+        ex.export(int8, tmp_path / "q.onnx", "onnx")
+    with pytest.raises(ex.ExportError, match="float16_weights does not apply to the int8 model"):
+        ex.export(int8, tmp_path / "q.tflite", "tflite", float16_weights=True)
+    from mbv3_jax.models import qat
+
+    qat_model = qat.from_float(mbv3_jax.get_model("mobilenet_v3_large"))
+    with pytest.raises(ex.ExportError, match="convert it to the int8 model first"):
+        ex.export(qat_model, tmp_path / "q.tflite", "tflite")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_tflite_runs(tmp_path):
+    """The int8 model's LiteRT export runs in LiteRT (agreement with the JAX int8 model and torch's
+    qnnpack on calibrated weights: tests/test_quantized_parity.py)."""
+    out = ex.export(
+        mbv3_jax.get_model("quantized_mobilenet_v3_large", num_classes=7),
+        tmp_path / "q.tflite",
+        "tflite",
+        input_size=64,
+    )
+    info = json.loads(ex.sidecar(out).read_text())
+    assert info["family"] == "int8_classifier" and info["input"]["shape"] == [1, 64, 64, 3]
+    assert "int8" in info["quantization"]["activations"]
+    logits = ex.run(out, _images((64, 64)))["logits"]
+    assert logits.shape == (1, 7) and logits.dtype == np.float32
 
 
 def test_bad_arguments(tmp_path, small):

@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 import pytest
-from extras import capped_dispatch, require_torch, run_capped_pytest
+from extras import capped_dispatch, needs_export, require_torch, run_capped_pytest
 
 # ruff: noqa: E402
 require_torch()  # the optional "torch" extra: without it this file skips whole, before the imports below
@@ -219,6 +219,93 @@ def test_generic_path_is_bit_identical(cases, inputs_nchw, generic_path):
     assert [name for name, _ in got] == [name for name, _ in engine_case["got"]]
     for (name, values), (_, cpu_values) in zip(got, engine_case["got"], strict=True):
         np.testing.assert_array_equal(np.asarray(values), np.asarray(cpu_values), err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def litert_int8(cases, tmp_path_factory):
+    """The qnnpack case's JAX model exported to a LiteRT int8 model (mbv3_jax.litert_int8)."""
+    from mbv3_jax import export
+
+    path = tmp_path_factory.mktemp("litert") / "int8.tflite"
+    export.export(cases("qnnpack")["model"], path, "tflite")
+    return path
+
+
+def _nhwc(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
+
+
+@needs_export
+def test_litert_int8_each_op(cases, litert_int8, inputs_nchw):
+    """Each op of the exported LiteRT model run alone on the JAX model's input for it (one photo):
+    with XNNPACK (LiteRT's default) every op's int8 output equals the JAX model's, which equals
+    torch's qnnpack, except HARD_SWISH, whose fixed-point kernel is at most one step off on a few
+    percent; LiteRT's builtin kernels (fixed-point requantization with double rounding) are at most
+    one step off everywhere. Measured figures in the README."""
+    from mbv3_jax import litert_int8 as li
+
+    image = _nhwc(inputs_nchw[PARITY_PHOTOS][:1])
+    jax_ops = cases("qnnpack")["model"].quantized_intermediates(image)
+    values = dict(jax_ops)
+    content = litert_int8.read_bytes()
+    report = collections.defaultdict(list)
+    for name, want in jax_ops:
+        single, inputs, kind = li.op_alone(content, name)
+        feeds = [image if i == "images" else li.as_litert(values[i]) for i in inputs]
+        for xnnpack in (True, False):
+            got = li.as_torch(li.run_tflite(single, feeds, xnnpack=xnnpack)).reshape(np.shape(want))
+            diff = np.abs(got.astype(np.int32) - np.asarray(want).astype(np.int32))
+            report[kind, xnnpack].append((float(np.mean(diff == 0)), int(diff.max()), name))
+    assert {kind for kind, _ in report} == {
+        "QUANTIZE",
+        "CONV_2D",
+        "DEPTHWISE_CONV_2D",
+        "HARD_SWISH",
+        "MEAN",
+        "ADD",
+        "MUL",
+        "FULLY_CONNECTED",
+    }
+    for (kind, xnnpack), rows in sorted(report.items()):
+        identical, _, name = min(rows)
+        steps = max(r[1] for r in rows)
+        kernels = "XNNPACK" if xnnpack else "builtin"
+        print(
+            f"\n{kind} ({kernels}): {len(rows)} ops, min identical {identical:.5f} ({name}), "
+            f"max steps {steps}"
+        )
+        assert steps <= 1, (kind, kernels, name)
+        assert identical == 1.0 if xnnpack and kind != "HARD_SWISH" else identical >= 0.9, (
+            kind,
+            kernels,
+            name,
+        )
+
+
+@needs_export
+def test_litert_int8_logits(cases, litert_int8, inputs_nchw):
+    """The whole exported model in LiteRT (export.run: XNNPACK) on the four parity photos against
+    the JAX model and torch's qnnpack model: the per-op one-step differences compound (measured
+    bounds in the README); top-1 agrees wherever the JAX model's top-1 margin exceeds twice the
+    largest logit difference."""
+    from mbv3_jax import export
+
+    case = cases("qnnpack")
+    images = _nhwc(inputs_nchw[PARITY_PHOTOS])
+    got = np.concatenate([export.run(litert_int8, im[None])["logits"] for im in images])
+    want = np.asarray(case["model"](images))
+    np.testing.assert_array_equal(want, case["ref_logits"])  # the JAX model is torch's qnnpack model
+    step = float(case["model"].classifier_out.scale[...])
+    steps = np.abs(got - want) / step
+    top2 = np.sort(want, 1)
+    margin = (top2[:, -1] - top2[:, -2]) / step
+    print(
+        f"\nLiteRT int8 logits vs JAX / torch qnnpack: max {steps.max():.0f} steps, mean {steps.mean():.2f} "
+        f"(step {step:.4g}); top-1 margins {margin.round(1).tolist()}"
+    )
+    assert steps.max() <= 12 and steps.mean() <= 2.0
+    clear = margin > 2 * steps.max()
+    np.testing.assert_array_equal(got.argmax(1)[clear], want.argmax(1)[clear])
 
 
 def _assert_state_dicts_equal(a, b):

@@ -71,6 +71,13 @@ def _check(path: Path, model: Any, info: dict[str, Any], seed: int = 0) -> dict[
     got = ex.run(path, x)
     want = ex.reference(model, x, head_only="postprocess" in info)
     errors = ex.max_relative_error(got, want)
+    if info["family"] == "int8_classifier":
+        # LiteRT's integer kernels round some ops differently: differences in output steps.
+        step = float(model.classifier_out.scale[...])
+        steps = np.max(np.abs(got["logits"] - want["logits"])) / step
+        same = np.array_equal(got["logits"].argmax(-1), want["logits"].argmax(-1))
+        print(f"  check logits: max |artifact - JAX| = {steps:.0f} steps of {step:.4g}; top-1 equal: {same}")
+        return errors
     for name, err in errors.items():
         print(f"  check {name}: max |artifact - JAX| / max |JAX| = {err:.2e}")
     return errors
