@@ -17,7 +17,7 @@ Each artifact gets a JSON sidecar (``<artifact>.json``): input shape, dtype, lay
 output names and shapes. SSDlite's post-processing (top-k, sort, batched NMS) exports only to
 StableHLO; for the other formats the artifact holds the network (the head outputs) and the
 post-processing is written beside it as a StableHLO program (``<artifact>.postprocess.stablehlo``)
-that :func:`run` applies (or :func:`load_stablehlo` loads).
+that :func:`run` and :func:`load_artifact` apply (or :func:`load_stablehlo` loads).
 
 The int8 model (``quantized_mobilenet_v3_large``) exports to "tflite" only, as a LiteRT integer model
 written op for op from its own integers and scales (``mbv3_jax.litert_int8``), not traced.
@@ -620,8 +620,75 @@ def _describe(model, prog: Program, format: str, batch, platforms, float16_weigh
 
 
 def load_stablehlo(path: str | os.PathLike) -> Callable[..., Any]:
-    """A serialized ``jax.export`` program as a callable (``jax.export.deserialize(...).call``)."""
-    return jax.export.deserialize(bytearray(Path(path).read_bytes())).call
+    """A serialized ``jax.export`` program as a jitted callable (compiled once per input shape)."""
+    return jax.jit(jax.export.deserialize(bytearray(Path(path).read_bytes())).call)
+
+
+def load_artifact(
+    path: str | os.PathLike, *, num_threads: int | None = None
+) -> Callable[..., dict[str, np.ndarray]]:
+    """An exported artifact loaded once in its own runtime (StableHLO: ``jax.export``, jitted;
+    tflite: LiteRT's Interpreter, XNNPACK by default; onnx: onnxruntime on the CPU; saved_model:
+    TensorFlow), as a function ``(images, image_sizes=None) -> {name: array}`` of a normalized
+    float32 NHWC batch. SSDlite head outputs come with the detections of the post-processing program
+    written beside them. ``image_sizes`` (Faster R-CNN): (N, 2) resized (h, w) per image, default
+    the whole input. Call it repeatedly: the session and compiled programs are kept."""
+    path = Path(path)
+    info = json.loads(sidecar(path).read_text())
+    fmt = info["format"]
+    _require("int8_tflite" if info["family"] == "int8_classifier" else fmt)
+    if fmt == "stablehlo":
+        program = load_stablehlo(path)
+
+        def network(*args: np.ndarray) -> dict[str, np.ndarray]:
+            return {k: np.asarray(v) for k, v in program(*args).items()}
+
+    elif fmt == "tflite":
+        from ai_edge_litert.interpreter import Interpreter
+
+        signature = Interpreter(model_path=str(path), num_threads=num_threads).get_signature_runner()
+
+        def network(images: np.ndarray) -> dict[str, np.ndarray]:
+            return {k: np.asarray(v) for k, v in signature(**{INPUT_NAME: images}).items()}
+
+    elif fmt == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+
+        def network(images: np.ndarray) -> dict[str, np.ndarray]:
+            return dict(zip(names, session.run(names, {INPUT_NAME: images}), strict=True))
+
+    else:
+        import tensorflow as tf
+
+        serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+
+        def network(images: np.ndarray) -> dict[str, np.ndarray]:
+            return {k: v.numpy() for k, v in serve(**{INPUT_NAME: tf.constant(images)}).items()}
+
+    post = info.get("postprocess")
+    postprocess = load_stablehlo(path.with_name(post["file"])) if post else None
+    takes_sizes = SIZES_NAME in info["input"]
+
+    def call(images: np.ndarray, image_sizes: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        images = np.ascontiguousarray(images, np.float32)
+        args = [images]
+        if takes_sizes:
+            args.append(_image_sizes(images, image_sizes))
+        elif image_sizes is not None:
+            raise ValueError(f"{path} takes no image_sizes (only Faster R-CNN artifacts do)")
+        out = network(*args)
+        if postprocess is not None:
+            detections = postprocess(*(out[n] for n in post["inputs"]))
+            out.update({k: np.asarray(v) for k, v in detections.items()})
+        return out
+
+    return call
 
 
 def run(
@@ -631,47 +698,9 @@ def run(
     image_sizes: np.ndarray | None = None,
     num_threads: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run an exported artifact in its own runtime (StableHLO: ``jax.export``; tflite: LiteRT's
-    Interpreter; onnx: onnxruntime on the CPU; saved_model: TensorFlow) on a normalized float32 NHWC
-    batch; returns its named outputs. SSDlite head outputs come with the detections of the
-    post-processing program written beside them. ``image_sizes`` (Faster R-CNN): (N, 2) resized
-    (h, w) per image, default the whole input."""
-    path = Path(path)
-    info = json.loads(sidecar(path).read_text())
-    fmt = info["format"]
-    _require("int8_tflite" if info["family"] == "int8_classifier" else fmt)
-    images = np.ascontiguousarray(images, np.float32)
-    args = [images]
-    if SIZES_NAME in info["input"]:
-        args.append(_image_sizes(images, image_sizes))
-    elif image_sizes is not None:
-        raise ValueError(f"{path} takes no image_sizes (only Faster R-CNN artifacts do)")
-    if fmt == "stablehlo":
-        out = {k: np.asarray(v) for k, v in load_stablehlo(path)(*args).items()}
-    elif fmt == "tflite":
-        from ai_edge_litert.interpreter import Interpreter
-
-        runner = Interpreter(model_path=str(path), num_threads=num_threads).get_signature_runner()
-        out = {k: np.asarray(v) for k, v in runner(**{INPUT_NAME: images}).items()}
-    elif fmt == "onnx":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if num_threads:
-            options.intra_op_num_threads = num_threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        out = dict(zip(names, session.run(names, {INPUT_NAME: images}), strict=True))
-    else:
-        import tensorflow as tf
-
-        serve = tf.saved_model.load(str(path)).signatures["serving_default"]
-        out = {k: v.numpy() for k, v in serve(**{INPUT_NAME: tf.constant(images)}).items()}
-    post = info.get("postprocess")
-    if post:
-        detections = load_stablehlo(path.with_name(post["file"]))(*(out[n] for n in post["inputs"]))
-        out.update({k: np.asarray(v) for k, v in detections.items()})
-    return out
+    """Run an exported artifact once in its own runtime: :func:`load_artifact` then a call (load
+    the artifact once with :func:`load_artifact` to run it many times)."""
+    return load_artifact(path, num_threads=num_threads)(images, image_sizes)
 
 
 def reference(
