@@ -246,3 +246,80 @@ class TrainTransform:
 def eval_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[float]):
     """torchvision's eval preset (resize the shorter side, center crop, normalize), torch-exact."""
     return classification_preset(resize, crop, mean, std)
+
+
+# --------------------------------------------------------------------------------------------------
+# Segmentation (torchvision's references/segmentation presets)
+
+
+def _resize_pair(image: Image.Image, mask: Image.Image, short: int) -> tuple[Image.Image, Image.Image]:
+    """The shorter side to ``short``: the image bilinearly (antialiased, as torchvision's
+    ``antialias=True``), the mask by nearest neighbour, as ``RandomResize`` does."""
+    w, h = image.size
+    if min(w, h) == short:
+        return image, mask
+    if w <= h:
+        size = (short, int(short * h / w))
+    else:
+        size = (int(short * w / h), short)
+    return image.resize(size, Image.BILINEAR), mask.resize(size, Image.NEAREST)
+
+
+def _pad_pair(image: np.ndarray, mask: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad at the bottom and right to at least (height, width): image with 0, mask with 255 (ignored),
+    as the reference's ``pad_if_smaller``."""
+    ph, pw = max(0, height - image.shape[0]), max(0, width - image.shape[1])
+    if ph or pw:
+        image = np.pad(image, ((0, ph), (0, pw), (0, 0)))
+        mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=255)
+    return image, mask
+
+
+@dataclass(frozen=True)
+class SegmentationTrainTransform:
+    """torchvision's ``SegmentationPresetTrain``: RandomResize(0.5 x base, 2 x base) of the shorter
+    side, RandomHorizontalFlip, RandomCrop(crop) after padding to it (image 0, mask 255), normalize.
+    uint8 HWC image + (H, W) mask + generator -> (normalized float32 crop x crop x 3, int32 mask)."""
+
+    base_size: int = 520
+    crop: int = 480
+    hflip: bool = True
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+    def __call__(
+        self, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        # torchvision: random.randint(min_size, max_size), both ends included.
+        short = int(rng.integers(int(0.5 * self.base_size), int(2.0 * self.base_size) + 1))
+        image, target = _resize_pair(Image.fromarray(as_rgb_uint8(img)), Image.fromarray(mask), short)
+        if self.hflip and rng.random() < 0.5:
+            image, target = image.transpose(Image.FLIP_LEFT_RIGHT), target.transpose(Image.FLIP_LEFT_RIGHT)
+        x, m = _pad_pair(np.asarray(image), np.asarray(target), self.crop, self.crop)
+        i = int(rng.integers(0, x.shape[0] - self.crop + 1))
+        j = int(rng.integers(0, x.shape[1] - self.crop + 1))
+        x, m = x[i : i + self.crop, j : j + self.crop], m[i : i + self.crop, j : j + self.crop]
+        return normalize_uint8(x, self.mean, self.std), m.astype(np.int32)
+
+
+@dataclass(frozen=True)
+class SegmentationEvalTransform:
+    """torchvision's ``SegmentationPresetEval`` (the shorter side to ``resize``, normalize), then padded
+    at the bottom and right to ``size`` x ``size`` (image 0, mask 255: padding is not scored) so that
+    every eval batch has one shape; torchvision evaluates each image at its own size (batch 1)."""
+
+    resize: int = 520
+    size: int = 520
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+    def __call__(self, img: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        image, target = _resize_pair(Image.fromarray(as_rgb_uint8(img)), Image.fromarray(mask), self.resize)
+        x, m = np.asarray(image), np.asarray(target)
+        if max(x.shape[:2]) > self.size:
+            raise ValueError(
+                f"an eval image resized to {x.shape[0]}x{x.shape[1]} is larger than the eval size "
+                f"{self.size}: raise data.eval_crop (the padded eval size) to at least {max(x.shape[:2])}"
+            )
+        x, m = _pad_pair(x, m, self.size, self.size)
+        return normalize_uint8(x, self.mean, self.std), m.astype(np.int32)

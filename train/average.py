@@ -17,14 +17,16 @@ from train.metrics import read_csv
 
 
 def improving_steps(workdir: str | os.PathLike) -> list[int]:
-    """Steps whose eval top-1 beat every earlier evaluation of the run (from metrics.csv)."""
+    """Steps whose eval metric (top-1, or a segmentation run's mIoU) beat every earlier evaluation of
+    the run (from metrics.csv)."""
     path = Path(workdir) / "metrics.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {workdir} a mbv3-train workdir?")
     best, steps = -1.0, []
     for row in read_csv(path):
-        if row.get("kind") == "eval" and "top1" in row and row["top1"] > best:
-            best = row["top1"]
+        key = next((k for k in checkpointing.RANKING_METRICS if k in row), None)
+        if row.get("kind") == "eval" and key is not None and row[key] > best:
+            best = row[key]
             steps.append(row["step"])
     return steps
 

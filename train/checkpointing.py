@@ -70,6 +70,19 @@ def checkpoint_dir(workdir: str | os.PathLike) -> Path:
     return Path(workdir).absolute() / "checkpoints"
 
 
+# The eval metric that ranks a task's checkpoints (higher is better): classification's top-1,
+# segmentation's mIoU.
+RANKING_METRICS = ("top1", "miou")
+
+
+def ranking_metric(metrics: dict[str, float]) -> float:
+    """The value that ranks a checkpoint: its task's metric among :data:`RANKING_METRICS`."""
+    for key in RANKING_METRICS:
+        if key in metrics:
+            return metrics[key]
+    raise KeyError(f"checkpoint metrics {sorted(metrics)} hold none of {RANKING_METRICS}")
+
+
 def make_manager(
     workdir: str | os.PathLike,
     *,
@@ -79,7 +92,8 @@ def make_manager(
     create: bool = True,
     cleanup_tmp: bool = False,
 ) -> ocp.CheckpointManager:
-    """A manager that keeps the ``keep_last`` latest checkpoints and the ``keep_best`` best by top-1;
+    """A manager that keeps the ``keep_last`` latest checkpoints and the ``keep_best`` best by the
+    task's eval metric (:func:`ranking_metric`);
     ``cleanup_tmp``: delete the temporary directories of saves killed mid-way (only while holding the
     workdir's lock: else they may be a running trainer's saves in progress)."""
     _register_array_handler()
@@ -90,7 +104,7 @@ def make_manager(
     if keep_best > 0:
         keep.append(
             policies.BestN(
-                get_metric_fn=lambda m: m["top1"],
+                get_metric_fn=ranking_metric,
                 reverse=False,
                 n=keep_best,
                 keep_checkpoints_without_metrics=False,
@@ -166,7 +180,8 @@ def save(
     meta: dict[str, Any],
     metrics: dict[str, float] | None = None,
 ) -> None:
-    """Start saving (asynchronously when enabled); ``metrics`` (with ``top1``) ranks it for keep-best.
+    """Start saving (asynchronously when enabled); ``metrics`` (one of :data:`RANKING_METRICS`) ranks
+    it for keep-best.
 
     The previous save, which this one waits for, is complete then: its checksums are written now."""
     saves = _SAVES.setdefault(manager, _Saves(async_save=False))

@@ -69,6 +69,11 @@ def train_main(argv: list[str] | None = None) -> int:
         return _err(str(e))
     if "top1" in result:
         print(f"done: step {result['step']}, eval top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+    elif "miou" in result:
+        print(
+            f"done: step {result['step']}, eval mIoU {result['miou']:.4f}, "
+            f"pixel accuracy {result['pixel_acc']:.4f}"
+        )
     return 0
 
 

@@ -25,7 +25,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class ModelConfig:
-    """The classifier: a torchvision builder name and its keyword arguments."""
+    """The model: a torchvision builder name and its keyword arguments. A segmentation builder
+    (``lraspp_mobilenet_v3_large``, ``deeplabv3_mobilenet_v3_large``, ``fcn_mobilenet_v3_large``)
+    trains on masks with torchvision's segmentation criterion; the others classify."""
 
     name: str = "mobilenet_v3_large"
     num_classes: int | None = None  # None: the dataset's number of classes
@@ -41,6 +43,10 @@ class ModelConfig:
     # Fine-tuning: a torchvision .pth/.pt file or a mbv3_jax.save directory. A classifier head whose
     # class count differs from num_classes is re-initialised.
     init: str | None = None
+    # Segmentation: DeepLabV3 / FCN's auxiliary FCN head on the stride-8 features, its loss weighted
+    # aux_weight (torchvision's references: 0.5).
+    aux_loss: bool = False
+    aux_weight: float = 0.5
 
 
 @dataclass
@@ -64,7 +70,9 @@ class QATConfig:
 class DataConfig:
     """Where the images come from and how they are augmented."""
 
-    dataset: str = "imagenet2012"  # any TFDS image-classification dataset, or "sklearn_digits"
+    # Any TFDS image-classification dataset, or "sklearn_digits"; for segmentation a TFDS dataset with
+    # an RGB image and a one-channel mask image (label_key), e.g. "mbv3_shapes" (the offline demo's).
+    dataset: str = "imagenet2012"
     data_dir: str | None = None  # TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)
     image_folder: str | None = None  # a folder of class sub-folders (or train/ and val/ splits of them)
     train_split: str = "train"
@@ -81,7 +89,10 @@ class DataConfig:
     auto_augment: str | None = "imagenet"  # None or "imagenet"
     random_erasing: float = 0.2
     eval_resize: int = 256
-    eval_crop: int = 224
+    eval_crop: int = 224  # segmentation: the eval size, resized images padded to it (mask 255)
+    # Segmentation: torchvision's RandomResize of the shorter side between 0.5x and 2x base_size
+    # (train_crop: the random crop; eval_resize: the eval images' shorter side).
+    base_size: int = 520
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     worker_count: int = 0  # grain worker processes (0: decode in the training process)
@@ -100,7 +111,9 @@ class OptimConfig:
     eps: float = 0.0316  # torch: outside the sqrt; TF: inside (tf_mode uses 1e-3)
     weight_decay: float = 1e-5
     norm_weight_decay: bool = True  # torchvision's default decays BN parameters and biases too
-    schedule: str = "step"  # "step" (StepLR per epoch) | "exponential" | "constant" | "cosine"
+    # "step" (StepLR per epoch) | "exponential" | "constant" | "cosine" | "poly" (PolynomialLR, power
+    # 0.9, per step: torchvision's segmentation recipe)
+    schedule: str = "step"
     lr_step_epochs: float = 2.0
     lr_gamma: float = 0.973
     warmup_epochs: float = 0.0

@@ -33,6 +33,9 @@ from typing import Any
 import numpy as np
 
 DIGITS_NAME = "sklearn_digits"
+SHAPES_NAME = "mbv3_shapes"  # train/shapes_data.py
+# Class names of the segmentation datasets whose masks this module knows (index = mask value).
+SEGMENTATION_CLASSES = {SHAPES_NAME: ("background", "circle", "rectangle", "triangle")}
 DIGITS_SIZE = 32
 DIGITS_TEST = 360  # examples held out for validation (a fixed, seeded 20% split)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -233,7 +236,9 @@ def image_folder_builder(root: str | os.PathLike, data_dir: str | os.PathLike | 
 
 @dataclasses.dataclass
 class Split:
-    """A random-access split: ``source[i]`` is a dict with image (uint8 HWC) and label."""
+    """A random-access split: ``source[i]`` is a dict with an image (uint8 HWC) and its target under
+    ``label_key``: a class label, or (``kind`` "segmentation") a (H, W, 1) uint8 mask of class indices
+    (255: ignored)."""
 
     source: Any
     num_classes: int
@@ -241,6 +246,7 @@ class Split:
     image_key: str
     label_key: str
     split: str = ""  # the split opened (an image folder's eval split may stand in for the one asked)
+    kind: str = "classification"
 
     def __len__(self) -> int:
         return len(self.source)
@@ -265,6 +271,19 @@ def _check_features(info: Any, name: str, image_key: str, label_key: str) -> tup
     return label.num_classes, list(label.names)
 
 
+def _check_segmentation_features(info: Any, name: str, image_key: str, mask_key: str) -> None:
+    tfds = _tfds()
+    features = info.features
+    keys = list(features.keys()) if hasattr(features, "keys") else []
+    for key, channels in ((image_key, 3), (mask_key, 1)):
+        feature = features[key] if key in keys else None
+        if not isinstance(feature, tfds.features.Image) or feature.shape[-1] != channels:
+            raise DataError(
+                f"{name} is not a segmentation dataset with an RGB image {image_key!r} and a one-channel "
+                f"mask image {mask_key!r} (it has {keys}); set --data.image_key/--data.label_key"
+            )
+
+
 def open_split(
     dataset: str,
     split: str,
@@ -275,6 +294,7 @@ def open_split(
     label_key: str = "label",
     process_shard: tuple[int, int] | None = None,
     eval_fallback: bool = False,
+    kind: str = "classification",
 ) -> Split:
     """Open ``split`` of a TFDS dataset (prepared on first use if it needs no manual download).
 
@@ -282,6 +302,8 @@ def open_split(
     (the remainder dropped), as ``tfds.even_splits(split, count, drop_remainder=True)[index]``.
     ``eval_fallback``: ``split`` is the eval split; an image folder that lacks it may stand in its one
     ``val`` / ``validation`` / ``test`` split (``Split.split`` says which was opened).
+    ``kind`` "segmentation": ``label_key`` names a one-channel mask image; the class count is the
+    dataset's where it is known (:data:`SEGMENTATION_CLASSES`), else 0 (the model config's).
     """
     tfds = _tfds()
 
@@ -300,8 +322,16 @@ def open_split(
         source = builder.as_data_source(split=shard(builder, split))
         num_classes, names = _check_features(builder.info, str(image_folder), image_key, label_key)
         return Split(source, num_classes, names, image_key, label_key, split)
+    if kind not in ("classification", "segmentation"):
+        raise ValueError(f"kind must be 'classification' or 'segmentation', got {kind!r}")
+    if kind == "segmentation" and image_folder:
+        raise DataError("--data.image_folder holds classification data; segmentation reads a TFDS dataset")
     if dataset == DIGITS_NAME:
         _digits_builder_class()
+    if dataset == SHAPES_NAME:
+        from train.shapes_data import shapes_builder_class
+
+        shapes_builder_class()
     try:
         builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError:
@@ -309,7 +339,12 @@ def open_split(
         close = difflib.get_close_matches(dataset, known + [DIGITS_NAME], n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise DataError(f"unknown TFDS dataset {dataset!r}.{hint} (or pass --data.image_folder)") from None
-    num_classes, names = _check_features(builder.info, dataset, image_key, label_key)
+    if kind == "segmentation":
+        _check_segmentation_features(builder.info, dataset, image_key, label_key)
+        names = list(SEGMENTATION_CLASSES.get(dataset, ()))
+        num_classes = len(names)
+    else:
+        num_classes, names = _check_features(builder.info, dataset, image_key, label_key)
     try:
         builder.download_and_prepare()
     except Exception as e:
@@ -324,7 +359,7 @@ def open_split(
         download=False,
         builder_kwargs={"file_format": "array_record"},
     )
-    return Split(source, num_classes, names, image_key, label_key, split)
+    return Split(source, num_classes, names, image_key, label_key, split, kind)
 
 
 def _image_folder_split(image_folder: str, split: str, splits: list[str], eval_fallback: bool) -> str:
@@ -408,16 +443,25 @@ class _TrainBatch:
     def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         positions = [int(step) * self.order.global_batch + self.offset + j for j in range(self.local_batch)]
         examples = _read(self.split, [self.order.record(p) for p in positions])
-        images = np.stack(
-            [
-                self.transform(
-                    np.asarray(ex[self.split.image_key]), np.random.default_rng([self.order.seed, 1, p])
-                )
-                for ex, p in zip(examples, positions, strict=True)
-            ]
-        ).astype(np.float32, copy=False)
-        labels = np.asarray([ex[self.split.label_key] for ex in examples], np.int32)
-        return images, labels
+        pairs = [
+            _transformed(self.split, self.transform, ex, np.random.default_rng([self.order.seed, 1, p]))
+            for ex, p in zip(examples, positions, strict=True)
+        ]
+        return _stacked(pairs)
+
+
+def _transformed(split: Split, transform: Callable, ex: dict[str, Any], *rng: Any) -> tuple[Any, Any]:
+    """(image, target) of one example: a classification transform maps the image alone, a
+    segmentation one the image and its (H, W) mask together (train transforms also take ``rng``)."""
+    image = np.asarray(ex[split.image_key])
+    if split.kind == "segmentation":
+        return transform(image, np.asarray(ex[split.label_key])[..., 0], *rng)
+    return transform(image, *rng), ex[split.label_key]
+
+
+def _stacked(pairs: list[tuple[Any, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    images = np.stack([image for image, _ in pairs]).astype(np.float32, copy=False)
+    return images, np.asarray(np.stack([target for _, target in pairs]), np.int32)
 
 
 def _default_threads() -> int:
@@ -471,10 +515,9 @@ class _EvalBatch:
         n = len(self.split)
         positions = [int(step) * self.global_batch + self.offset + j for j in range(self.local_batch)]
         examples = _read(self.split, [min(p, n - 1) for p in positions])
-        images = np.stack([self.transform(np.asarray(ex[self.split.image_key])) for ex in examples])
-        labels = np.asarray([ex[self.split.label_key] for ex in examples], np.int32)
+        images, targets = _stacked([_transformed(self.split, self.transform, ex) for ex in examples])
         weights = np.asarray([p < n for p in positions], np.float32)
-        return images.astype(np.float32, copy=False), labels, weights
+        return images, targets, weights
 
 
 def eval_batches(

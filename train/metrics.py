@@ -18,6 +18,9 @@ COLUMNS = [
     "top5",
     "ema_top1",
     "ema_top5",
+    "miou",
+    "pixel_acc",
+    "ema_miou",
     "images_per_s",
     "time_s",
 ]
@@ -104,7 +107,8 @@ def _fmt(v: Any) -> str:
 
 
 def plot_metrics(csv_path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Draw train loss, learning rate and eval top-1/top-5 against the epoch to a PNG."""
+    """Draw train loss, learning rate and eval top-1/top-5 (segmentation: mIoU, pixel accuracy)
+    against the epoch to a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,7 +119,7 @@ def plot_metrics(csv_path: str | os.PathLike, out: str | os.PathLike | None = No
         raise FileNotFoundError(f"{csv_path} does not exist (is it a run's workdir?)")
     rows = read_csv(csv_path)
     train = [r for r in rows if r.get("kind") == "train" and "loss" in r]
-    evals = [r for r in rows if r.get("kind") == "eval" and "top1" in r]
+    evals = [r for r in rows if r.get("kind") == "eval" and ("top1" in r or "miou" in r)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[0]
     if train:
@@ -125,11 +129,13 @@ def plot_metrics(csv_path: str | os.PathLike, out: str | os.PathLike | None = No
     ax.set(title="loss", xlabel="epoch")
     ax.legend()
     ax = axes[1]
-    for key, label in (("top1", "top-1"), ("top5", "top-5"), ("ema_top1", "EMA top-1")):
+    curves = (("top1", "top-1"), ("top5", "top-5"), ("ema_top1", "EMA top-1"))
+    curves += (("miou", "mIoU"), ("pixel_acc", "pixel accuracy"), ("ema_miou", "EMA mIoU"))
+    for key, label in curves:
         pts = [(r["epoch"], r[key]) for r in evals if key in r]
         if pts:
             ax.plot(*zip(*pts, strict=True), "o-", label=label)
-    ax.set(title="eval accuracy", xlabel="epoch", ylim=(0, 1))
+    ax.set(title="eval metrics", xlabel="epoch", ylim=(0, 1))
     ax.grid(alpha=0.3)
     if evals:
         ax.legend()

@@ -41,6 +41,7 @@ from mbv3_jax.variables import copy_by_path, describe_mismatch, format_path, var
 from train import augment, checkpointing, data, sharding
 from train.config import TrainConfig
 from train.metrics import MetricsWriter, plot_metrics
+from train.tasks import Classification, Segmentation, Task, cross_entropy  # noqa: F401 (re-exported)
 
 State = dict[str, Any]
 
@@ -119,6 +120,14 @@ def load_init(model: nnx.Module, init: str | os.PathLike) -> list[str]:
     return [format_path(p) for p in fresh]
 
 
+SEGMENTATION_MODELS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_mobilenet_v3_large")
+
+
+def task_kind(model_name: str) -> str:
+    """ "segmentation" for the segmentation builders, else "classification"."""
+    return "segmentation" if model_name in SEGMENTATION_MODELS else "classification"
+
+
 def build_model(cfg: Any, num_classes: int, seed: int = 0, qat_cfg: Any = None) -> nnx.Module:
     """The classifier of ``cfg`` (a :class:`train.config.ModelConfig`) in train mode, ready to split.
 
@@ -144,6 +153,13 @@ def build_model(cfg: Any, num_classes: int, seed: int = 0, qat_cfg: Any = None) 
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=nnx.Rngs(seed),
+        )
+    elif task_kind(cfg.name) == "segmentation":
+        if qat_cfg is not None and qat_cfg.enabled:
+            raise ValueError(f"quantization-aware training needs a classifier, not {cfg.name}")
+        kwargs = {"aux_loss": True} if cfg.aux_loss else {}
+        model = get_model(
+            cfg.name, num_classes=num_classes, seed=seed, dtype=dtype, param_dtype=param_dtype, **kwargs
         )
     else:
         model = get_model(
@@ -218,8 +234,14 @@ def learning_rate(cfg: Any, global_batch: int, steps_per_epoch: int, total_steps
         )
     elif cfg.schedule == "constant":
         schedule = optax.constant_schedule(base)
+    elif cfg.schedule == "poly":
+        # torch's PolynomialLR(total_iters=total_steps, power=0.9) stepped per iteration, as
+        # torchvision's segmentation reference: base * (1 - step / total) ** 0.9.
+        schedule = optax.polynomial_schedule(base, 0.0, 0.9, total_steps)
     else:
-        raise ValueError(f"unknown schedule {cfg.schedule!r}; expected step, exponential, cosine or constant")
+        raise ValueError(
+            f"unknown schedule {cfg.schedule!r}; expected step, exponential, cosine, poly or constant"
+        )
     if cfg.warmup_epochs:
         schedule = optim.linear_warmup(schedule, round(cfg.warmup_epochs * steps_per_epoch), 0.01)
     return schedule
@@ -252,15 +274,6 @@ def make_optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransfor
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected rmsprop_torch, rmsprop_tf or sgd")
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """torch ``CrossEntropyLoss(label_smoothing=...)``, mean over the batch (in at least float32)."""
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    if not label_smoothing:
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-    return optax.softmax_cross_entropy(logits, optax.smooth_labels(onehot, label_smoothing)).mean()
-
-
 # --------------------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------------------
@@ -275,6 +288,7 @@ class Steps:
     eval_step: Callable[..., dict[str, jax.Array]]
     state_shardings: Any
     init_state: Callable[[], State]
+    task: Task
 
 
 def _rng_builder(rng_state: Any) -> Callable[[jax.Array], Any]:
@@ -317,14 +331,19 @@ def make_steps(
     schedule: optax.Schedule,
     mesh: jax.sharding.Mesh,
     *,
+    task: Task | None = None,
     label_smoothing: float = 0.0,
     ema_decay: float | None = None,
     seed: int = 0,
     fsdp_min_size: int = 2**14,
     qat_schedule: QATSchedule | None = None,
 ) -> Steps:
-    """Split ``model`` and build the jitted, sharded train and eval steps (``qat_schedule``: a QAT
-    model's observer / BatchNorm switches, set from the step inside the train step)."""
+    """Split ``model`` and build the jitted, sharded train and eval steps of ``task`` (default:
+    classification with ``label_smoothing``); ``train_step(state, images, targets)``,
+    ``eval_step(params, batch_stats, images, targets, weights)``. ``qat_schedule``: a QAT model's
+    observer / BatchNorm switches, set from the step inside the train step."""
+    if task is None:
+        task = Classification(label_smoothing)
     model.train()
     graphdef_train, params, batch_stats, rng_state = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     model.eval()
@@ -360,7 +379,7 @@ def make_steps(
         state["opt_state"] = jax.jit(tx.init, out_shardings=shardings["opt_state"])(state["params"])
         return state
 
-    def train_step(state: State, images: jax.Array, labels: jax.Array) -> tuple[State, dict[str, jax.Array]]:
+    def train_step(state: State, images: jax.Array, targets: jax.Array) -> tuple[State, dict[str, jax.Array]]:
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         rngs = make_rngs(key)
@@ -369,11 +388,10 @@ def make_steps(
             m = nnx.merge(graphdef_train, p, state["batch_stats"], rngs)
             if qat_schedule is not None:
                 qat_schedule.for_train_step(m, step)
-            logits = m.forward(images)
-            loss = cross_entropy(logits, labels, label_smoothing)
-            return loss, (nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)), logits)
+            loss, metric = task.loss(m, images, targets)
+            return loss, (nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)), metric)
 
-        (loss, (new_stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (loss, (new_stats, metric)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
         new = dict(state, step=step + 1, params=new_params, batch_stats=new_stats, opt_state=opt_state)
@@ -381,26 +399,13 @@ def make_steps(
             new["ema"] = _ema_update(
                 state["ema"], {"params": new_params, "batch_stats": new_stats}, ema_decay
             )
-        accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
-        return new, {"loss": loss, "lr": jnp.asarray(schedule(step), jnp.float32), "accuracy": accuracy}
+        return new, {"loss": loss, "lr": jnp.asarray(schedule(step), jnp.float32), "metric": metric}
 
-    def eval_step(p: Any, stats: Any, images: jax.Array, labels: jax.Array, weights: jax.Array) -> dict:
+    def eval_step(p: Any, stats: Any, images: jax.Array, targets: jax.Array, weights: jax.Array) -> dict:
         m = nnx.merge(graphdef_eval, p, stats, make_rngs(jax.random.key(0)))
         if qat_schedule is not None:
             qat_schedule.for_eval(m)
-        logits = m.forward(images)
-        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-        k = min(5, logits.shape[-1])
-        _, top = jax.lax.top_k(logits, k)
-        top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        topk = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return {
-            "loss": jnp.sum(loss * weights),
-            "top1": jnp.sum(top1 * weights),
-            "top5": jnp.sum(topk * weights),
-            "count": jnp.sum(weights),
-        }
+        return task.eval_sums(m, images, targets, weights)
 
     train_jit = jax.jit(
         train_step,
@@ -413,7 +418,7 @@ def make_steps(
         in_shardings=(shardings["params"], shardings["batch_stats"], batch_sh, batch_sh, batch_sh),
         out_shardings=repl,
     )
-    return Steps(mesh, train_jit, eval_jit, shardings, init_state)
+    return Steps(mesh, train_jit, eval_jit, shardings, init_state, task)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,16 +452,20 @@ def local_batch_offset(mesh: jax.sharding.Mesh, global_batch: int) -> tuple[int,
 
 
 def evaluate(steps: Steps, params: Any, stats: Any, batches: Any) -> dict[str, float]:
-    """Top-1 / top-5 / loss over padded eval batches (weights 0 on padding)."""
-    sums: dict[str, jax.Array] | None = None
-    for images, labels, weights in batches:
-        out = steps.eval_step(params, stats, *sharding.global_batch(steps.mesh, images, labels, weights))
-        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    """The task's eval metrics over padded eval batches (weights 0 on padding): each batch's sums
+    added on the host in float64 / int64 (exact counts however large the eval set)."""
+    sums: dict[str, np.ndarray] | None = None
+    for images, targets, weights in batches:
+        out = steps.eval_step(params, stats, *sharding.global_batch(steps.mesh, images, targets, weights))
+        host = {k: _widened(np.asarray(v.addressable_data(0))) for k, v in out.items()}
+        sums = host if sums is None else {k: sums[k] + host[k] for k in sums}
     if sums is None:
         raise ValueError("evaluation: the eval split is empty")
-    values = {k: _scalar(v) for k, v in sums.items()}
-    count = values.pop("count")
-    return {k: v / count for k, v in values.items()} | {"count": count}
+    return steps.task.finalize(sums)
+
+
+def _widened(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float64)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -506,6 +515,22 @@ def run(config: TrainConfig, *, allow_config_change: bool = False) -> dict[str, 
         return _run(config, workdir, t_start)
 
 
+def _classification_transforms(cfg_data: Any) -> tuple[Callable, Callable]:
+    """(train, eval) transforms of a classification run: torchvision's presets as configured."""
+    train_tf = augment.TrainTransform(
+        crop=cfg_data.train_crop,
+        scale=tuple(cfg_data.crop_scale),
+        random_resized_crop=cfg_data.random_resized_crop,
+        hflip=cfg_data.hflip,
+        auto_augment=cfg_data.auto_augment,
+        random_erasing=cfg_data.random_erasing,
+        mean=tuple(cfg_data.mean),
+        std=tuple(cfg_data.std),
+    )
+    eval_tf = augment.eval_transform(cfg_data.eval_resize, cfg_data.eval_crop, cfg_data.mean, cfg_data.std)
+    return train_tf, eval_tf
+
+
 def _check_resumable(workdir: Path, meta: dict[str, Any], architecture: dict[str, Any]) -> None:
     """Refuse, before orbax restores anything, a checkpoint of another architecture than the model
     built (its record: in the checkpoint's metadata, else the run's architecture.json)."""
@@ -543,19 +568,25 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
         label_key=cfg_data.label_key,
     )
     per_process = cfg_data.process_sharding == "process" and nproc > 1
+    kind = task_kind(config.model.name)
     train_split = data.open_split(
         cfg_data.dataset,
         cfg_data.train_split,
         process_shard=(proc, nproc) if per_process else None,
+        kind=kind,
         **open_kw,
     )
-    eval_split = data.open_split(cfg_data.dataset, cfg_data.eval_split, eval_fallback=True, **open_kw)
+    eval_split = data.open_split(
+        cfg_data.dataset, cfg_data.eval_split, eval_fallback=True, kind=kind, **open_kw
+    )
     if eval_split.split and eval_split.split != cfg_data.eval_split:
         _log(
             f"data.eval_split is {cfg_data.eval_split!r}, which the image folder lacks: evaluating on its "
             f"{eval_split.split!r} split"
         )
     num_classes = config.model.num_classes or train_split.num_classes
+    if not num_classes:
+        raise ValueError(f"{cfg_data.dataset}'s masks name no class count: set --model.num_classes")
     if num_classes < train_split.num_classes:  # labels >= num_classes: a NaN loss at the first such label
         raise ValueError(
             f"model.num_classes={num_classes}, but the training data has {train_split.num_classes} classes "
@@ -578,12 +609,16 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
     qat_schedule = QATSchedule.from_config(config.qat, spe) if config.qat.enabled else None
     schedule = learning_rate(cfg_optim, G, spe, total)
     tx = make_optimizer(cfg_optim, schedule)
+    if kind == "segmentation":
+        task: Task = Segmentation(num_classes, config.model.aux_weight)
+    else:
+        task = Classification(cfg_optim.label_smoothing)
     steps = make_steps(
         model,
         tx,
         schedule,
         mesh,
-        label_smoothing=cfg_optim.label_smoothing,
+        task=task,
         ema_decay=cfg_optim.ema_decay,
         seed=cfg_train.seed,
         fsdp_min_size=config.mesh.fsdp_min_size,
@@ -627,17 +662,14 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
             f"{qat_schedule.observer_steps}, BatchNorm statistics until step {qat_schedule.batch_norm_steps}"
         )
 
-    eval_tf = augment.eval_transform(cfg_data.eval_resize, cfg_data.eval_crop, cfg_data.mean, cfg_data.std)
-    train_tf = augment.TrainTransform(
-        crop=cfg_data.train_crop,
-        scale=tuple(cfg_data.crop_scale),
-        random_resized_crop=cfg_data.random_resized_crop,
-        hflip=cfg_data.hflip,
-        auto_augment=cfg_data.auto_augment,
-        random_erasing=cfg_data.random_erasing,
-        mean=tuple(cfg_data.mean),
-        std=tuple(cfg_data.std),
-    )
+    if kind == "segmentation":
+        mean, std = tuple(cfg_data.mean), tuple(cfg_data.std)
+        eval_tf = augment.SegmentationEvalTransform(cfg_data.eval_resize, cfg_data.eval_crop, mean, std)
+        train_tf = augment.SegmentationTrainTransform(
+            cfg_data.base_size, cfg_data.train_crop, cfg_data.hflip, mean, std
+        )
+    else:
+        train_tf, eval_tf = _classification_transforms(cfg_data)
     batches = data.train_batches(
         train_split,
         order,
@@ -663,7 +695,7 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
         row = {"step": step, "epoch": step / spe, "kind": "eval", **metrics}
         if "ema" in state:
             ema = evaluate(steps, state["ema"]["params"], state["ema"]["batch_stats"], ev())
-            row |= {"ema_top1": ema["top1"], "ema_top5": ema["top5"]}
+            row |= {f"ema_{k}": ema[k] for k in steps.task.ema_metrics}
         return row
 
     def save(step: int, metrics: dict[str, Any] | None) -> None:
@@ -680,7 +712,8 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
             "metrics": metrics or {},
             "architecture": model.architecture,
         }
-        ranked = {"top1": float(metrics["top1"])} if metrics else None
+        best = steps.task.best_metric
+        ranked = {best: float(metrics[best])} if metrics else None
         checkpointing.save(manager, step, state, meta, ranked)
         saved.append(step)
 
@@ -763,7 +796,7 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
                     "kind": "train",
                     "loss": float(np.mean(losses)),
                     "lr": lr,
-                    "top1": float(np.mean([_scalar(o["accuracy"]) for _, o in pending])),
+                    steps.task.train_metric: float(np.mean([_scalar(o["metric"]) for _, o in pending])),
                     "images_per_s": ips,
                     "time_s": now - t0,
                 }
@@ -778,10 +811,7 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
                     writer.write(last_eval | {"time_s": time.perf_counter() - t0})
                     if config.plot:
                         plot_metrics(writer.path)
-                _log(
-                    f"step {done} (epoch {done / spe:.2f}): eval top-1 {last_eval['top1']:.4f} "
-                    f"top-5 {last_eval['top5']:.4f} loss {last_eval['loss']:.4f}"
-                )
+                _log(f"step {done} (epoch {done / spe:.2f}): eval {steps.task.summary(last_eval)}")
                 save(done, last_eval)
                 t_log, n_log = time.perf_counter(), 0
             elif ckpt_every and done % ckpt_every == 0:
