@@ -1,4 +1,5 @@
-"""One training step of ``train.trainer`` equals torchvision's (PyTorch RMSprop, no augmentation, no dropout).
+"""One training step of ``train.trainer`` equals torchvision's (PyTorch RMSprop, no augmentation, no dropout);
+and one segmentation step (LR-ASPP, torch SGD) in float64.
 
 The model is torchvision's ``MobileNetV3`` class with MobileNetV3-Small's table cut after 4 blocks (every
 block kind: SE, ReLU/hardswish, 3x3/5x5, strided, residual; then the last conv and the classifier), random
@@ -28,6 +29,7 @@ from train import sharding, trainer
 from train.config import ModelConfig, OptimConfig
 
 TOL = 1e-5  # max |a - b| <= TOL * max |torch| per tensor
+FLOAT64_TOL = 1e-9  # the same, both sides in float64
 BATCH = 16
 
 
@@ -100,3 +102,74 @@ def test_one_step_matches_torchvision():
     print(f"one step vs torch: params/BN stats {worst_param:.2e} (max rel), updates {worst_update:.2e}")
     # Stronger than the parameters themselves: the step's change (lr * RMSProp direction) agrees too.
     assert worst_update <= TOL
+
+
+def test_lraspp_one_step_matches_torchvision():
+    """One SGD step of the trainer's segmentation task equals torchvision's LR-ASPP + torch's SGD
+    (momentum 0.9, weight decay 1e-4 on every parameter, the shapes demo's recipe; cross-entropy
+    ignoring 255) on two shapes images with a void band, both sides in float64 (fp32 gradients are
+    ill-posed at hardswish's kinks: tests/test_classifier_parity.py): loss, parameters, BatchNorm
+    statistics and the step's update per tensor within FLOAT64_TOL."""
+    import jax
+
+    from train.shapes_data import make_shapes
+    from train.tasks import Segmentation
+
+    samples = make_shapes("train", 2)
+    images = np.stack(
+        [normalize_uint8(s["image"], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) for s in samples]
+    )
+    masks = np.stack([s["mask"] for s in samples]).astype(np.int32)
+    masks[:, :8] = 255  # a void band, ignored by the loss
+    x_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    with jax.enable_x64(True):
+        cfg = ModelConfig(name="lraspp_mobilenet_v3_large", dtype="float64", param_dtype="float64")
+        model = trainer.build_model(cfg, 4)
+        torch.manual_seed(0)
+        tv = build_torchvision_model(model.architecture)
+        calibrated_random_weights_(tv, x_t, seed=1)
+        tv = tv.double()
+        rules = rules_for(model.architecture["builder"])
+        load_into(model, convert_to_jax(tv.state_dict(), model, rules))
+        before = {p: np.asarray(v) for p, v in convert_to_jax(tv.state_dict(), model, rules).items()}
+
+        optim = OptimConfig(optimizer="sgd", lr=0.02, reference_batch=16, momentum=0.9, weight_decay=1e-4)
+        optim.schedule = "poly"
+        schedule = trainer.learning_rate(optim, len(samples), steps_per_epoch=10, total_steps=10)
+        lr = float(schedule(0))
+        tv.train()
+        opt = torch.optim.SGD(tv.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+        out_t = tv(x_t.double())["out"]
+        loss_t = torch.nn.functional.cross_entropy(out_t, torch.from_numpy(masks).long(), ignore_index=255)
+        opt.zero_grad()
+        loss_t.backward()
+        opt.step()
+        after_t = convert_to_jax(tv.state_dict(), model, rules)
+
+        mesh = sharding.make_mesh()
+        task = Segmentation(4)
+        steps = trainer.make_steps(model, trainer.make_optimizer(optim, schedule), schedule, mesh, task=task)
+        state = steps.init_state()
+        state, out = steps.train_step(state, *sharding.global_batch(mesh, images.astype(np.float64), masks))
+        new = sharding.to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
+
+    assert abs(float(out["loss"]) - loss_t.item()) <= FLOAT64_TOL * abs(loss_t.item())
+    worst_param, worst_update = 0.0, 0.0
+    for path, ref in after_t.items():
+        group = "params" if path[-1] in ("kernel", "bias", "scale") else "batch_stats"
+        got = _get(new[group], path)
+        err = float(np.max(np.abs(got - ref)))
+        if ref.dtype.kind != "f":
+            assert err == 0, format_path(path)  # num_batches_tracked
+            continue
+        rel = err / (float(np.max(np.abs(ref))) or 1.0)
+        assert rel <= FLOAT64_TOL, f"{format_path(path)}: {rel:.2e}"
+        worst_param = max(worst_param, rel)
+        if group == "params":
+            update = ref - before[path]
+            worst_update = max(worst_update, err / (float(np.max(np.abs(update))) or 1.0))
+    print(
+        f"LR-ASPP one SGD step vs torch (float64): params/BN stats {worst_param:.2e}, "
+        f"updates {worst_update:.2e}"
+    )
+    assert worst_update <= FLOAT64_TOL

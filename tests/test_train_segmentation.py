@@ -7,16 +7,21 @@ Short runs (a few steps, batch 4, on one CPU device): the demo's figures come fr
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from train import augment, data
 from train.checkpointing import restore_host
-from train.cli import train_main
+from train.cli import plot_main, train_main
 from train.metrics import TIMING_COLUMNS, read_csv
 
+REPO = Path(__file__).resolve().parents[1]
 ARGS = [
     "--config",
     "shapes_seg",
@@ -52,10 +57,12 @@ def test_trains_evaluates_and_resumes_exactly(tmp_path, data_dir):
     # Four steps with checkpoints at 2 and 4; then the run as a kill after step 2 leaves it (its step-4
     # checkpoint gone), resumed to 4.
     args = ["--train.max_steps", "4", "--train.eval_every_steps", "4", "--checkpoint.every_steps", "2"]
+    args += ["--train.eval_at_start", "true"]
     assert _run(tmp_path / "straight", data_dir, *args) == 0
     rows = read_csv(tmp_path / "straight" / "metrics.csv")
     train = [r for r in rows if r["kind"] == "train"]
-    (evaluation,) = [r for r in rows if r["kind"] == "eval"]
+    untrained, evaluation = [r for r in rows if r["kind"] == "eval"]
+    assert untrained["step"] == 0 and 0 <= untrained["miou"] < 1
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and 0 <= r["pixel_acc"] <= 1 for r in train)
     assert 0 < evaluation["miou"] < 1 and 0 < evaluation["pixel_acc"] < 1 and np.isfinite(evaluation["loss"])
@@ -70,6 +77,10 @@ def test_trains_evaluates_and_resumes_exactly(tmp_path, data_dir):
         np.testing.assert_array_equal(a, b)
     resumed_rows = read_csv(tmp_path / "resumed" / "metrics.csv")
     assert _without_timing(resumed_rows) == _without_timing(rows)
+    # The curves and the predictions next to the ground truth.
+    assert plot_main([str(tmp_path / "straight"), "--save-figures", "--data-dir", data_dir]) == 0
+    assert (tmp_path / "straight" / "predictions.png").stat().st_size > 10_000
+    assert (tmp_path / "straight" / "metrics.png").is_file()
 
 
 def _without_timing(rows: list[dict]) -> list[dict]:
@@ -80,6 +91,9 @@ def _leaves(tree):
     if isinstance(tree, dict):
         for key in sorted(tree):
             yield from _leaves(tree[key])
+    elif isinstance(tree, list | tuple):
+        for item in tree:
+            yield from _leaves(item)
     else:
         yield np.asarray(tree)
 
@@ -109,3 +123,55 @@ def test_segmentation_needs_a_mask_dataset(data_dir):
         data.DataError, match="not a segmentation dataset with an RGB image 'image' and a one"
     ):
         data.open_split("mbv3_shapes", "train", data_dir=data_dir, kind="segmentation", label_key="objects")
+
+
+def test_eight_devices_agree_with_one(tmp_path, data_dir):
+    """Two steps and an eval of LR-ASPP on 1 device and on 8 simulated devices (data 4 x fsdp 2, in
+    subprocesses), float64: parameters and BatchNorm statistics agree to 1e-10 of each tensor's
+    largest value (floored at 1e-3: the BatchNorm biases before a 1x1 conv and another BatchNorm have
+    an exactly zero true gradient, so they hold only rounding noise, ~1e-19 here), and the eval
+    metrics agree to 1e-9. Per-device BatchNorm statistics or a wrong gradient reduction would differ
+    by O(1e-2)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(REPO)
+    runs = {}
+    for devices, mesh in ((1, ["--mesh.fsdp", "1"]), (8, ["--mesh.fsdp", "2"])):
+        workdir = tmp_path / f"devices{devices}"
+        extra = [
+            *("--workdir", str(workdir), "--data.data_dir", data_dir, "--train.max_steps", "2"),
+            *("--train.global_batch", "8", "--train.eval_batch", "104", "--mesh.fsdp_min_size", "1024"),
+            *(
+                "--model.dtype",
+                "float64",
+                "--model.param_dtype",
+                "float64",
+                "--train.eval_at_start",
+                "false",
+                *mesh,
+            ),
+        ]
+        if devices > 1:
+            env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        proc = subprocess.run(
+            [sys.executable, "-m", "train.cli", *ARGS, *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert f"on {devices} devices" in proc.stderr
+        state, meta, step = restore_host(workdir)
+        assert step == 2
+        runs[devices] = (state, meta["metrics"])
+    (one, m1), (eight, m8) = runs[1], runs[8]
+    worst = 0.0
+    for a, b in zip(_leaves(one), _leaves(eight), strict=True):
+        if np.issubdtype(a.dtype, np.floating):
+            worst = max(worst, float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(a))), 1e-3))
+        else:
+            np.testing.assert_array_equal(a, b)
+    print(f"\n1 vs 8 devices: max relative difference {worst:.2e}; mIoU {m1['miou']} vs {m8['miou']}")
+    assert worst <= 1e-10
+    for key in ("miou", "pixel_acc", "loss"):
+        assert m1[key] == pytest.approx(m8[key], rel=1e-9, abs=1e-12), key

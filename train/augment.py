@@ -278,20 +278,23 @@ def _pad_pair(image: np.ndarray, mask: np.ndarray, height: int, width: int) -> t
 @dataclass(frozen=True)
 class SegmentationTrainTransform:
     """torchvision's ``SegmentationPresetTrain``: RandomResize(0.5 x base, 2 x base) of the shorter
-    side, RandomHorizontalFlip, RandomCrop(crop) after padding to it (image 0, mask 255), normalize.
-    uint8 HWC image + (H, W) mask + generator -> (normalized float32 crop x crop x 3, int32 mask)."""
+    side (``resize_range``), RandomHorizontalFlip, RandomCrop(crop) after padding to it (image 0,
+    mask 255), normalize. uint8 HWC image + (H, W) mask + generator -> (normalized float32
+    crop x crop x 3, int32 mask)."""
 
     base_size: int = 520
     crop: int = 480
     hflip: bool = True
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    resize_range: tuple[float, float] = (0.5, 2.0)
 
     def __call__(
         self, img: np.ndarray, mask: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
         # torchvision: random.randint(min_size, max_size), both ends included.
-        short = int(rng.integers(int(0.5 * self.base_size), int(2.0 * self.base_size) + 1))
+        low, high = (int(f * self.base_size) for f in self.resize_range)
+        short = int(rng.integers(low, high + 1))
         image, target = _resize_pair(Image.fromarray(as_rgb_uint8(img)), Image.fromarray(mask), short)
         if self.hflip and rng.random() < 0.5:
             image, target = image.transpose(Image.FLIP_LEFT_RIGHT), target.transpose(Image.FLIP_LEFT_RIGHT)

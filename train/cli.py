@@ -175,10 +175,18 @@ def quantize_main(argv: list[str] | None = None) -> int:
 
 
 def plot_main(argv: list[str] | None = None) -> int:
-    """``mbv3-plot WORKDIR [--out PNG]``: loss, accuracy and learning-rate curves."""
+    """``mbv3-plot WORKDIR [--out PNG] [--save-figures]``: loss, accuracy and learning-rate curves;
+    with ``--save-figures`` also a segmentation run's predictions next to the ground truth."""
     parser = argparse.ArgumentParser(prog="mbv3-plot", description="Draw a run's metrics.csv to a PNG.")
     parser.add_argument("workdir", help="the run's --workdir (or its metrics.csv)")
     parser.add_argument("--out", help="PNG path (default WORKDIR/metrics.png)")
+    parser.add_argument(
+        "--save-figures",
+        action="store_true",
+        help="also draw the latest checkpoint's predictions on the first eval images to "
+        "WORKDIR/predictions.png (segmentation runs)",
+    )
+    parser.add_argument("--data-dir", help="TFDS data_dir of the eval images (default: the run's)")
     args = parser.parse_args(argv)
     from train.metrics import plot_metrics
 
@@ -186,9 +194,13 @@ def plot_main(argv: list[str] | None = None) -> int:
     csv = path if path.suffix == ".csv" else path / "metrics.csv"
     try:
         out = plot_metrics(csv, args.out)
-    except FileNotFoundError as e:
+        print(f"wrote {out}")
+        if args.save_figures:
+            from train.figures import segmentation_predictions
+
+            print(f"wrote {segmentation_predictions(csv.parent, data_dir=args.data_dir)}")
+    except (FileNotFoundError, ValueError) as e:  # DataError is a ValueError
         return _err(str(e))
-    print(f"wrote {out}")
     return 0
 
 

@@ -90,9 +90,10 @@ class DataConfig:
     random_erasing: float = 0.2
     eval_resize: int = 256
     eval_crop: int = 224  # segmentation: the eval size, resized images padded to it (mask 255)
-    # Segmentation: torchvision's RandomResize of the shorter side between 0.5x and 2x base_size
+    # Segmentation: torchvision's RandomResize of the shorter side between resize_range x base_size
     # (train_crop: the random crop; eval_resize: the eval images' shorter side).
     base_size: int = 520
+    resize_range: tuple[float, float] = (0.5, 2.0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     worker_count: int = 0  # grain worker processes (0: decode in the training process)
@@ -131,6 +132,7 @@ class TrainLoopConfig:
     eval_batch: int | None = None  # default: global_batch
     eval_every_epochs: float = 1.0
     eval_every_steps: int | None = None
+    eval_at_start: bool = False  # also evaluate the untrained model (a step-0 eval row)
     log_every_steps: int = 10
     seed: int = 0
     progress: bool = True

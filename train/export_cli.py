@@ -49,16 +49,9 @@ def _source(args: argparse.Namespace) -> Any:
 
 def _workdir_model(workdir: Path, step: int | None) -> Any:
     """The model of a training run's checkpoint (the latest, or ``step``), in eval mode."""
-    from mbv3_jax.checkpoint import read_architecture
-    from mbv3_jax.models import build_from_architecture
-    from train import checkpointing
-    from train.average import set_model_state
+    from train.figures import workdir_model
 
-    model = build_from_architecture(read_architecture(workdir))
-    state, _, _ = checkpointing.restore_host(workdir, step)
-    set_model_state(model, state["params"], state["batch_stats"])
-    model.eval()
-    return model
+    return workdir_model(workdir, step)
 
 
 def _check(path: Path, model: Any, info: dict[str, Any], seed: int = 0) -> dict[str, float]:

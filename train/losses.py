@@ -15,7 +15,9 @@ def cross_entropy_ignore(logits: jax.Array, labels: jax.Array, ignore_index: int
     """``F.cross_entropy(logits, labels, ignore_index=...)`` for NHWC logits: mean over kept pixels."""
     keep = labels != ignore_index
     safe = jnp.where(keep, labels, 0)
-    per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+    # In at least float32 (bf16 logits are widened; float64 stays float64).
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
     return jnp.sum(jnp.where(keep, per_pixel, 0.0)) / jnp.sum(keep)
 
 

@@ -666,7 +666,7 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
         mean, std = tuple(cfg_data.mean), tuple(cfg_data.std)
         eval_tf = augment.SegmentationEvalTransform(cfg_data.eval_resize, cfg_data.eval_crop, mean, std)
         train_tf = augment.SegmentationTrainTransform(
-            cfg_data.base_size, cfg_data.train_crop, cfg_data.hflip, mean, std
+            cfg_data.base_size, cfg_data.train_crop, cfg_data.hflip, mean, std, tuple(cfg_data.resize_range)
         )
     else:
         train_tf, eval_tf = _classification_transforms(cfg_data)
@@ -776,6 +776,11 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
     t0 = time.perf_counter()
     completed = False
     try:
+        if cfg_train.eval_at_start and start == 0:
+            last_eval = run_eval(0)
+            if writer:
+                writer.write(last_eval | {"time_s": time.perf_counter() - t0})
+            _log(f"step 0 (untrained): eval {steps.task.summary(last_eval)}")
         for step in range(start, total):
             images, labels = next(batches)
             x, y = sharding.global_batch(mesh, images, labels)

@@ -1,0 +1,101 @@
+"""Pictures of what a run learned: a segmentation run's predictions next to the ground truth on its
+eval images (``mbv3-plot WORKDIR --save-figures``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from train import checkpointing
+
+# Class colours of the masks drawn (background black; 255, ignored, white).
+PALETTE = np.array(
+    [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240]],
+    np.uint8,
+)
+
+
+def workdir_model(workdir: str | os.PathLike, step: int | None = None) -> Any:
+    """The model of a training run's checkpoint (the latest, or ``step``), in eval mode."""
+    from mbv3_jax.checkpoint import read_architecture
+    from mbv3_jax.models import build_from_architecture
+    from train.average import set_model_state
+
+    model = build_from_architecture(read_architecture(workdir))
+    state, _, _ = checkpointing.restore_host(workdir, step)
+    set_model_state(model, state["params"], state["batch_stats"])
+    model.eval()
+    return model
+
+
+def colorize(mask: np.ndarray) -> np.ndarray:
+    """(H, W) class indices -> (H, W, 3) uint8 colours (classes past the palette wrap; 255 white)."""
+    out = PALETTE[np.asarray(mask) % len(PALETTE)]
+    out[np.asarray(mask) == 255] = 255
+    return out
+
+
+def segmentation_predictions(
+    workdir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    num_images: int = 6,
+    step: int | None = None,
+    data_dir: str | None = None,
+) -> Path:
+    """A PNG of the first ``num_images`` eval images of a segmentation run: the image, the ground
+    truth and the checkpoint's prediction side by side (default ``WORKDIR/predictions.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train import augment, data
+    from train.config import config_from_dict
+    from train.trainer import task_kind
+
+    workdir = Path(workdir)
+    config = config_from_dict(json.loads((workdir / checkpointing.CONFIG_FILE).read_text()))
+    if task_kind(config.model.name) != "segmentation":
+        raise ValueError(f"{workdir} trained {config.model.name}, not a segmentation model")
+    d = config.data
+    split = data.open_split(
+        d.dataset,
+        d.eval_split,
+        data_dir=data_dir or d.data_dir,
+        image_key=d.image_key,
+        label_key=d.label_key,
+        kind="segmentation",
+    )
+    transform = augment.SegmentationEvalTransform(d.eval_resize, d.eval_crop, tuple(d.mean), tuple(d.std))
+    examples = [split.source[i] for i in range(min(num_images, len(split)))]
+    pairs = [transform(np.asarray(ex[d.image_key]), np.asarray(ex[d.label_key])[..., 0]) for ex in examples]
+    images = np.stack([x for x, _ in pairs])
+    model = workdir_model(workdir, step)
+    predictions = np.asarray(model(images)["out"]).argmax(-1)
+    mean, std = np.asarray(d.mean), np.asarray(d.std)
+    fig, axes = plt.subplots(len(pairs), 3, figsize=(7.5, 2.5 * len(pairs)), squeeze=False)
+    for row, ((x, truth), pred) in enumerate(zip(pairs, predictions, strict=True)):
+        shown = np.clip((x * std + mean) * 255.0, 0, 255).astype(np.uint8)
+        pred = np.where(truth == 255, 255, pred)  # padding is not scored: shown as such
+        for ax, picture, title in zip(
+            axes[row],
+            (shown, colorize(truth), colorize(pred)),
+            ("image", "ground truth", "prediction"),
+            strict=True,
+        ):
+            ax.imshow(picture)
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(title)
+    fig.tight_layout()
+    out = Path(out) if out else workdir / "predictions.png"
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
