@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -125,53 +126,74 @@ def test_segmentation_needs_a_mask_dataset(data_dir):
         data.open_split("mbv3_shapes", "train", data_dir=data_dir, kind="segmentation", label_key="objects")
 
 
-def test_eight_devices_agree_with_one(tmp_path, data_dir):
-    """Two steps and an eval of LR-ASPP on 1 device and on 8 simulated devices (data 4 x fsdp 2, in
-    subprocesses), float64: parameters and BatchNorm statistics agree to 1e-10 of each tensor's
-    largest value (floored at 1e-3: the BatchNorm biases before a 1x1 conv and another BatchNorm have
-    an exactly zero true gradient, so they hold only rounding noise, ~1e-19 here), and the eval
-    metrics agree to 1e-9. Per-device BatchNorm statistics or a wrong gradient reduction would differ
-    by O(1e-2)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(REPO)
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_one_device_eight_devices_and_two_processes_agree(tmp_path, data_dir):
+    """Two steps and an eval of LR-ASPP on 1 device, on 8 simulated devices in one process and in 2
+    processes x 4 devices (gloo collectives; data 4 x fsdp 2 both), each in subprocesses, float64:
+    parameters, BatchNorm statistics and optimizer state agree to 1e-10 of each tensor's largest
+    value (floored at 1e-3: the BatchNorm biases before a 1x1 conv and another BatchNorm have an
+    exactly zero true gradient, so they hold only rounding noise, ~1e-19 here), and the eval metrics
+    to 1e-9. Per-device BatchNorm statistics or a wrong gradient reduction would differ by O(1e-2)."""
+    base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    base_env["PYTHONPATH"] = str(REPO)
+    common = [
+        *("--data.data_dir", data_dir, "--train.max_steps", "2", "--train.global_batch", "8"),
+        *("--train.eval_batch", "104", "--mesh.fsdp_min_size", "1024", "--train.eval_at_start", "false"),
+        *("--model.dtype", "float64", "--model.param_dtype", "float64"),
+    ]
+    port = _free_port()
+    layouts = {  # name -> (devices per process, extra flags per process)
+        "one": (1, [["--mesh.fsdp", "1"]]),
+        "eight": (8, [["--mesh.fsdp", "2"]]),
+        "two_processes": (
+            4,
+            [
+                [
+                    *("--mesh.fsdp", "2", "--distributed.coordinator_address", f"127.0.0.1:{port}"),
+                    *("--distributed.num_processes", "2", "--distributed.process_id", str(i)),
+                ]
+                for i in range(2)
+            ],
+        ),
+    }
     runs = {}
-    for devices, mesh in ((1, ["--mesh.fsdp", "1"]), (8, ["--mesh.fsdp", "2"])):
-        workdir = tmp_path / f"devices{devices}"
-        extra = [
-            *("--workdir", str(workdir), "--data.data_dir", data_dir, "--train.max_steps", "2"),
-            *("--train.global_batch", "8", "--train.eval_batch", "104", "--mesh.fsdp_min_size", "1024"),
-            *(
-                "--model.dtype",
-                "float64",
-                "--model.param_dtype",
-                "float64",
-                "--train.eval_at_start",
-                "false",
-                *mesh,
-            ),
-        ]
+    for name, (devices, per_process) in layouts.items():
+        env = dict(base_env)
         if devices > 1:
-            env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        proc = subprocess.run(
-            [sys.executable, "-m", "train.cli", *ARGS, *extra],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        assert f"on {devices} devices" in proc.stderr
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        workdir = tmp_path / name
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "train.cli", *ARGS, *common, "--workdir", str(workdir), *extra],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for extra in per_process
+        ]
+        errs = [p.communicate(timeout=600)[1] for p in procs]
+        for p, err in zip(procs, errs, strict=True):
+            assert p.returncode == 0, err[-4000:]
+        assert f"on {devices * len(procs)} devices" in errs[0]
         state, meta, step = restore_host(workdir)
         assert step == 2
-        runs[devices] = (state, meta["metrics"])
-    (one, m1), (eight, m8) = runs[1], runs[8]
-    worst = 0.0
-    for a, b in zip(_leaves(one), _leaves(eight), strict=True):
-        if np.issubdtype(a.dtype, np.floating):
-            worst = max(worst, float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(a))), 1e-3))
-        else:
-            np.testing.assert_array_equal(a, b)
-    print(f"\n1 vs 8 devices: max relative difference {worst:.2e}; mIoU {m1['miou']} vs {m8['miou']}")
-    assert worst <= 1e-10
-    for key in ("miou", "pixel_acc", "loss"):
-        assert m1[key] == pytest.approx(m8[key], rel=1e-9, abs=1e-12), key
+        runs[name] = (state, meta["metrics"])
+    one, m1 = runs["one"]
+    for name in ("eight", "two_processes"):
+        other, m = runs[name]
+        worst = 0.0
+        for a, b in zip(_leaves(one), _leaves(other), strict=True):
+            if np.issubdtype(a.dtype, np.floating):
+                worst = max(worst, float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(a))), 1e-3))
+            else:
+                np.testing.assert_array_equal(a, b)
+        print(f"\n1 device vs {name}: max relative difference {worst:.2e}; mIoU {m1['miou']} vs {m['miou']}")
+        assert worst <= 1e-10, name
+        for key in ("miou", "pixel_acc", "loss"):
+            assert m1[key] == pytest.approx(m[key], rel=1e-9, abs=1e-12), (name, key)
