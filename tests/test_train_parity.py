@@ -49,6 +49,27 @@ def _get(tree: dict, path: tuple) -> np.ndarray:
     return np.asarray(tree)
 
 
+def _compare_step(after_t: dict, before: dict, new: dict, tol: float) -> tuple[float, float]:
+    """Assert every tensor after the step (torch's, by JAX path) within ``tol`` x max|torch| of the
+    trainer's (integer buffers equal); returns the worst relative error of the parameters / BatchNorm
+    statistics and of the parameters' update (the step's change, ``after - before``)."""
+    worst_param, worst_update = 0.0, 0.0
+    for path, ref in after_t.items():
+        group = "params" if path[-1] in ("kernel", "bias", "scale") else "batch_stats"
+        got = _get(new[group], path)
+        err = float(np.max(np.abs(got - ref)))
+        if ref.dtype.kind != "f":
+            assert err == 0, format_path(path)  # num_batches_tracked
+            continue
+        rel = err / (float(np.max(np.abs(ref))) or 1.0)
+        assert rel <= tol, f"{format_path(path)}: {rel:.2e}"
+        worst_param = max(worst_param, rel)
+        if group == "params":
+            update = ref - before.get(path, ref)
+            worst_update = max(worst_update, err / (float(np.max(np.abs(update))) or 1.0))
+    return worst_param, worst_update
+
+
 def test_one_step_matches_torchvision():
     images, labels = _digits(BATCH)
     model = trainer.build_model(ModelConfig(name="mobilenet_v3_small", blocks=4, dropout=0.0), 10)
@@ -84,21 +105,7 @@ def test_one_step_matches_torchvision():
     new = sharding.to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
 
     assert abs(float(out["loss"]) - loss_t.item()) <= TOL * abs(loss_t.item())
-    worst_param, worst_update = 0.0, 0.0
-    for path, ref in after_t.items():
-        group = "params" if path[-1] in ("kernel", "bias", "scale") else "batch_stats"
-        got = _get(new[group], path)
-        err = float(np.max(np.abs(got - ref)))
-        if ref.dtype.kind == "f":
-            rel = err / (float(np.max(np.abs(ref))) or 1.0)
-            assert rel <= TOL, f"{format_path(path)}: {rel:.2e}"
-            worst_param = max(worst_param, rel)
-            if group == "params":
-                update = ref - before.get(path, ref)
-                scale = float(np.max(np.abs(update))) or 1.0
-                worst_update = max(worst_update, err / scale)
-        else:
-            assert err == 0, format_path(path)  # num_batches_tracked
+    worst_param, worst_update = _compare_step(after_t, before, new, TOL)
     print(f"one step vs torch: params/BN stats {worst_param:.2e} (max rel), updates {worst_update:.2e}")
     # Stronger than the parameters themselves: the step's change (lr * RMSProp direction) agrees too.
     assert worst_update <= TOL
@@ -154,20 +161,7 @@ def test_lraspp_one_step_matches_torchvision():
         new = sharding.to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
 
     assert abs(float(out["loss"]) - loss_t.item()) <= FLOAT64_TOL * abs(loss_t.item())
-    worst_param, worst_update = 0.0, 0.0
-    for path, ref in after_t.items():
-        group = "params" if path[-1] in ("kernel", "bias", "scale") else "batch_stats"
-        got = _get(new[group], path)
-        err = float(np.max(np.abs(got - ref)))
-        if ref.dtype.kind != "f":
-            assert err == 0, format_path(path)  # num_batches_tracked
-            continue
-        rel = err / (float(np.max(np.abs(ref))) or 1.0)
-        assert rel <= FLOAT64_TOL, f"{format_path(path)}: {rel:.2e}"
-        worst_param = max(worst_param, rel)
-        if group == "params":
-            update = ref - before[path]
-            worst_update = max(worst_update, err / (float(np.max(np.abs(update))) or 1.0))
+    worst_param, worst_update = _compare_step(after_t, before, new, FLOAT64_TOL)
     print(
         f"LR-ASPP one SGD step vs torch (float64): params/BN stats {worst_param:.2e}, "
         f"updates {worst_update:.2e}"

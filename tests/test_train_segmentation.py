@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -88,15 +89,8 @@ def _without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
 
 
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for key in sorted(tree):
-            yield from _leaves(tree[key])
-    elif isinstance(tree, list | tuple):
-        for item in tree:
-            yield from _leaves(item)
-    else:
-        yield np.asarray(tree)
+def _leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
 def test_segmentation_transforms_give_static_shapes():

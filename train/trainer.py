@@ -41,7 +41,7 @@ from mbv3_jax.variables import copy_by_path, describe_mismatch, format_path, var
 from train import augment, checkpointing, data, sharding
 from train.config import TrainConfig
 from train.metrics import MetricsWriter, plot_metrics
-from train.tasks import Classification, Segmentation, Task, cross_entropy  # noqa: F401 (re-exported)
+from train.tasks import Classification, Segmentation, Task
 
 State = dict[str, Any]
 
