@@ -297,6 +297,7 @@ def test_bad_learning_rate_and_labels_are_refused(tmp_path, data_dir, capsys):
         ("--optim.lr=-0.1", "optim.lr must be a finite number >= 0, got -0.1"),
         ("--model.num_classes=5", "model.num_classes=5, but the training data has 10 classes"),
         ("--train.global_batch=0", "train.global_batch must be >= 1, got 0"),
+        ("--data.max_boxes=0", "data.max_boxes must be >= 1, got 0"),
     ):
         assert train_main([*args, flag]) == 2
         assert message in capsys.readouterr().err

@@ -46,6 +46,17 @@ def test_shipped_configs():
     )
     assert load_config("tf_mode").optim.optimizer == "rmsprop_tf"
     assert isinstance(load_config("digits"), _TrainConfig)
+    ssd = load_config("ssdlite_coco")  # torchvision's SSDlite recipe
+    o = ssd.optim
+    assert (o.optimizer, o.lr, o.reference_batch, o.momentum, o.weight_decay, o.schedule) == (
+        "sgd", 0.15, 192, 0.9, 4e-5, "cosine",
+    )  # fmt: skip
+    assert (ssd.train.epochs, ssd.data.dataset, ssd.data.iou_crop, ssd.data.hflip) == (
+        660,
+        "coco/2017",
+        True,
+        True,
+    )
 
 
 def test_overrides_and_errors(tmp_path):

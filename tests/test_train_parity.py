@@ -1,5 +1,5 @@
 """One training step of ``train.trainer`` equals torchvision's (PyTorch RMSprop, no augmentation, no dropout);
-and one segmentation step (LR-ASPP, torch SGD) in float64.
+and one segmentation step (LR-ASPP, torch SGD) and one detection step (SSDlite, torch SGD) in float64.
 
 The model is torchvision's ``MobileNetV3`` class with MobileNetV3-Small's table cut after 4 blocks (every
 block kind: SE, ReLU/hardswish, 3x3/5x5, strided, residual; then the last conv and the classifier), random
@@ -164,6 +164,76 @@ def test_lraspp_one_step_matches_torchvision():
     worst_param, worst_update = _compare_step(after_t, before, new, FLOAT64_TOL)
     print(
         f"LR-ASPP one SGD step vs torch (float64): params/BN stats {worst_param:.2e}, "
+        f"updates {worst_update:.2e}"
+    )
+    assert worst_update <= FLOAT64_TOL
+
+
+def test_ssdlite_one_step_matches_torchvision():
+    """One SGD step of the trainer's detection task equals torchvision's SSDlite320 (its own losses:
+    SSDMatcher, smooth-L1, 3:1 hard negative mining) + torch's SGD (momentum 0.9, weight decay 4e-5,
+    the SSDlite recipe's) on two shapes images at 320 px with their boxes, both sides in float64: loss,
+    parameters, BatchNorm statistics and the step's update per tensor within FLOAT64_TOL. torch gets
+    the images in [0, 1] and runs its own transform (normalize; the 320 -> 320 resize is exact); the
+    trainer gets them normalized, as its data pipeline hands them over."""
+    import jax
+
+    from porting.calibration import calibrated_ssd_
+    from train.augment import resize_bilinear
+    from train.coco_data import pad_targets
+    from train.shapes_data import make_shapes
+    from train.tasks import Detection
+
+    samples = make_shapes("train", 2)
+    scale = np.float32(320 / 128)
+    x01 = np.stack([resize_bilinear(s["image"].astype(np.float32) / 255, 320, 320) for s in samples])
+    x01 = x01.astype(np.float64)
+    boxes = [s["boxes"] * scale for s in samples]
+    targets_t = [
+        {"boxes": torch.from_numpy(b).double(), "labels": torch.from_numpy(s["labels"]).long()}
+        for b, s in zip(boxes, samples, strict=True)
+    ]
+    padded = [pad_targets(b, s["labels"], 8) for b, s in zip(boxes, samples, strict=True)]
+    targets = {k: np.stack([p[i] for p in padded]) for i, k in enumerate(("boxes", "labels", "valid"))}
+    x_t = torch.from_numpy(x01).permute(0, 3, 1, 2).contiguous()
+    with jax.enable_x64(True):
+        cfg = ModelConfig(name="ssdlite320_mobilenet_v3_large", dtype="float64", param_dtype="float64")
+        model = trainer.build_model(cfg, 4)
+        torch.manual_seed(0)
+        tv = build_torchvision_model(model.architecture)
+        calibrated_ssd_(tv, list(x_t.float()), seed=1)
+        tv = tv.double()
+        rules = rules_for(model.architecture["builder"])
+        load_into(model, convert_to_jax(tv.state_dict(), model, rules))
+        before = {p: np.asarray(v) for p, v in convert_to_jax(tv.state_dict(), model, rules).items()}
+
+        optim = OptimConfig(optimizer="sgd", lr=0.15, reference_batch=192, momentum=0.9, weight_decay=4e-5)
+        optim.schedule = "constant"
+        schedule = trainer.learning_rate(optim, len(samples), steps_per_epoch=10, total_steps=10)
+        lr = float(schedule(0))
+        tv.train()
+        opt = torch.optim.SGD(tv.parameters(), lr=lr, momentum=0.9, weight_decay=4e-5)
+        losses_t = tv(list(x_t), targets_t)
+        loss_t = sum(losses_t.values())
+        opt.zero_grad()
+        loss_t.backward()
+        opt.step()
+        after_t = convert_to_jax(tv.state_dict(), model, rules)
+
+        mesh = sharding.make_mesh()
+        steps = trainer.make_steps(
+            model, trainer.make_optimizer(optim, schedule), schedule, mesh, task=Detection(4)
+        )
+        state = steps.init_state()
+        normalized = (x01 - 0.5) / 0.5  # torchvision's normalize, the same float64 operations
+        state, out = steps.train_step(state, *sharding.global_batch(mesh, normalized, targets))
+        new = sharding.to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
+
+    assert abs(float(out["loss"]) - loss_t.item()) <= FLOAT64_TOL * abs(loss_t.item())
+    assert abs(float(out["metric"]) - losses_t["bbox_regression"].item()) <= FLOAT64_TOL * loss_t.item()
+    worst_param, worst_update = _compare_step(after_t, before, new, FLOAT64_TOL)
+    print(
+        f"SSDlite one SGD step vs torch (float64): params/BN stats {worst_param:.2e}, "
         f"updates {worst_update:.2e}"
     )
     assert worst_update <= FLOAT64_TOL

@@ -7,23 +7,18 @@ Short runs (a few steps, batch 4, on one CPU device): the demo's figures come fr
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from layouts import train_in_layouts, worst_relative_difference
 
 from train import augment, data
 from train.checkpointing import restore_host
 from train.cli import plot_main, train_main
 from train.metrics import TIMING_COLUMNS, read_csv
 
-REPO = Path(__file__).resolve().parents[1]
 ARGS = [
     "--config",
     "shapes_seg",
@@ -120,12 +115,6 @@ def test_segmentation_needs_a_mask_dataset(data_dir):
         data.open_split("mbv3_shapes", "train", data_dir=data_dir, kind="segmentation", label_key="objects")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_one_device_eight_devices_and_two_processes_agree(tmp_path, data_dir):
     """Two steps and an eval of LR-ASPP on 1 device, on 8 simulated devices in one process and in 2
     processes x 4 devices (gloo collectives; data 4 x fsdp 2 both), each in subprocesses, float64:
@@ -133,60 +122,16 @@ def test_one_device_eight_devices_and_two_processes_agree(tmp_path, data_dir):
     value (floored at 1e-3: the BatchNorm biases before a 1x1 conv and another BatchNorm have an
     exactly zero true gradient, so they hold only rounding noise, ~1e-19 here), and the eval metrics
     to 1e-9. Per-device BatchNorm statistics or a wrong gradient reduction would differ by O(1e-2)."""
-    base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    base_env["PYTHONPATH"] = str(REPO)
     common = [
         *("--data.data_dir", data_dir, "--train.max_steps", "2", "--train.global_batch", "8"),
         *("--train.eval_batch", "104", "--mesh.fsdp_min_size", "1024", "--train.eval_at_start", "false"),
         *("--model.dtype", "float64", "--model.param_dtype", "float64"),
     ]
-    port = _free_port()
-    layouts = {  # name -> (devices per process, extra flags per process)
-        "one": (1, [["--mesh.fsdp", "1"]]),
-        "eight": (8, [["--mesh.fsdp", "2"]]),
-        "two_processes": (
-            4,
-            [
-                [
-                    *("--mesh.fsdp", "2", "--distributed.coordinator_address", f"127.0.0.1:{port}"),
-                    *("--distributed.num_processes", "2", "--distributed.process_id", str(i)),
-                ]
-                for i in range(2)
-            ],
-        ),
-    }
-    runs = {}
-    for name, (devices, per_process) in layouts.items():
-        env = dict(base_env)
-        if devices > 1:
-            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-        workdir = tmp_path / name
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "train.cli", *ARGS, *common, "--workdir", str(workdir), *extra],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for extra in per_process
-        ]
-        errs = [p.communicate(timeout=600)[1] for p in procs]
-        for p, err in zip(procs, errs, strict=True):
-            assert p.returncode == 0, err[-4000:]
-        assert f"on {devices * len(procs)} devices" in errs[0]
-        state, meta, step = restore_host(workdir)
-        assert step == 2
-        runs[name] = (state, meta["metrics"])
+    runs = train_in_layouts([*ARGS, *common], tmp_path, steps=2)
     one, m1 = runs["one"]
     for name in ("eight", "two_processes"):
         other, m = runs[name]
-        worst = 0.0
-        for a, b in zip(_leaves(one), _leaves(other), strict=True):
-            if np.issubdtype(a.dtype, np.floating):
-                worst = max(worst, float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(a))), 1e-3))
-            else:
-                np.testing.assert_array_equal(a, b)
+        worst = worst_relative_difference(one, other)
         print(f"\n1 device vs {name}: max relative difference {worst:.2e}; mIoU {m1['miou']} vs {m['miou']}")
         assert worst <= 1e-10, name
         for key in ("miou", "pixel_acc", "loss"):

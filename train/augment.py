@@ -326,3 +326,142 @@ class SegmentationEvalTransform:
             )
         x, m = _pad_pair(x, m, self.size, self.size)
         return normalize_uint8(x, self.mean, self.std), m.astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Detection (torchvision's references/detection presets, fixed-size models such as SSDlite320)
+
+
+def resize_bilinear(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """float32 HWC resized as ``F.interpolate(mode="bilinear", align_corners=False)`` without antialias
+    (torchvision's detection transform; the same source taps and weights as the model's own resize)."""
+    from mbv3_jax.ops.interpolate import linear_taps
+
+    for axis, size in ((1, width), (0, height)):  # width first, as torch
+        if x.shape[axis] != size:
+            i0, i1, w0, w1 = linear_taps(x.shape[axis], size, "float32")
+            shape = [1, 1, 1]
+            shape[axis] = size
+            x = np.take(x, i0, axis) * w0.reshape(shape) + np.take(x, i1, axis) * w1.reshape(shape)
+    return x
+
+
+def random_iou_crop(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    min_scale: float = 0.3,
+    max_scale: float = 1.0,
+    min_aspect_ratio: float = 0.5,
+    max_aspect_ratio: float = 2.0,
+    options: Sequence[float] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0),
+    trials: int = 40,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """torchvision's ``RandomIoUCrop`` (SSD's sampler): draw a minimum IoU (1.0: keep the image), then
+    up to ``trials`` crops of 0.3-1 of each side with aspect 1/2-2; the first that contains some box
+    centre and overlaps one such box with at least that IoU wins, keeping the boxes whose centre it
+    contains, shifted and clamped to it. Like torchvision it draws again until an option succeeds,
+    which always ends because 1.0 is an option; an image without boxes is returned as it is."""
+    h, w = image.shape[:2]
+    if len(boxes) == 0:
+        return image, boxes, labels
+    while True:
+        min_iou = options[int(rng.integers(len(options)))]
+        if min_iou >= 1.0:
+            return image, boxes, labels
+        for _ in range(trials):
+            r = min_scale + (max_scale - min_scale) * rng.random(2)
+            new_w, new_h = int(w * r[0]), int(h * r[1])
+            if new_h == 0 or not min_aspect_ratio <= new_w / new_h <= max_aspect_ratio:
+                continue
+            r = rng.random(2)
+            left, top = int((w - new_w) * r[0]), int((h - new_h) * r[1])
+            right, bottom = left + new_w, top + new_h
+            if left == right or top == bottom:
+                continue
+            cx = 0.5 * (boxes[:, 0] + boxes[:, 2])
+            cy = 0.5 * (boxes[:, 1] + boxes[:, 3])
+            inside = (left < cx) & (cx < right) & (top < cy) & (cy < bottom)
+            if not inside.any():
+                continue
+            kept = boxes[inside]
+            ix = np.clip(np.minimum(kept[:, 2], right) - np.maximum(kept[:, 0], left), 0, None)
+            iy = np.clip(np.minimum(kept[:, 3], bottom) - np.maximum(kept[:, 1], top), 0, None)
+            inter = ix * iy
+            areas = (kept[:, 2] - kept[:, 0]) * (kept[:, 3] - kept[:, 1])
+            if (inter / (areas + new_w * new_h - inter)).max() < min_iou:
+                continue
+            kept = kept - np.array([left, top, left, top], kept.dtype)
+            kept[:, 0::2] = np.clip(kept[:, 0::2], 0, new_w)
+            kept[:, 1::2] = np.clip(kept[:, 1::2], 0, new_h)
+            return image[top:bottom, left:right], kept, labels[inside]
+
+
+def _detection_input(
+    img: np.ndarray, boxes: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's ``GeneralizedRCNNTransform`` for a fixed-size model: normalize, resize to size x
+    size, and the boxes by the float32 ratios ``size / side``."""
+    from mbv3_jax.models.detection_utils import resize_boxes
+
+    h, w = img.shape[:2]
+    x = resize_bilinear(normalize_uint8(img, mean, std), size, size)
+    return x, resize_boxes(boxes, (h, w), (size, size))
+
+
+@dataclass(frozen=True)
+class DetectionTrainTransform:
+    """torchvision's ``DetectionPresetTrain`` for ``ssdlite``: RandomIoUCrop, RandomHorizontalFlip; then
+    the model's transform (normalize, resize to ``size``). uint8 HWC image, (G, 4) xyxy pixel boxes, (G,)
+    labels, generator -> (float32 size x size x 3, targets padded to ``max_boxes``: ``boxes`` in the
+    resized frame, ``labels``, ``valid``)."""
+
+    size: int = 320
+    max_boxes: int = 100
+    iou_crop: bool = True
+    hflip: bool = True
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def __call__(
+        self, img: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator, name: str = ""
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        from train.coco_data import pad_targets
+
+        img = as_rgb_uint8(img)
+        if self.iou_crop:
+            img, boxes, labels = random_iou_crop(rng, img, boxes, labels)
+        if self.hflip and rng.random() < 0.5:
+            img = img[:, ::-1]
+            boxes = np.stack(
+                [img.shape[1] - boxes[:, 2], boxes[:, 1], img.shape[1] - boxes[:, 0], boxes[:, 3]], 1
+            )
+        x, boxes = _detection_input(np.ascontiguousarray(img), boxes, self.size, self.mean, self.std)
+        out_boxes, out_labels, valid = pad_targets(boxes, labels, self.max_boxes, name=name)
+        return x, {"boxes": out_boxes, "labels": out_labels, "valid": valid}
+
+
+@dataclass(frozen=True)
+class DetectionEvalTransform:
+    """The model's transform (normalize, resize to ``size``) with the ground truth kept in the original
+    frame for COCO evaluation: targets ``boxes`` (xyxy pixels), ``labels``, ``valid``, ``crowd`` padded
+    to ``max_boxes``, and ``size`` (the original height, width)."""
+
+    size: int = 320
+    max_boxes: int = 100
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def __call__(
+        self, img: np.ndarray, boxes: np.ndarray, labels: np.ndarray, crowd: np.ndarray, name: str = ""
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        from train.coco_data import pad_targets
+
+        img = as_rgb_uint8(img)
+        x, _ = _detection_input(img, boxes, self.size, self.mean, self.std)
+        out_boxes, out_labels, valid = pad_targets(boxes, labels, self.max_boxes, name=name)
+        out_crowd = np.zeros(self.max_boxes, bool)
+        out_crowd[: len(crowd)] = crowd
+        size = np.asarray(img.shape[:2], np.int32)
+        return x, {"boxes": out_boxes, "labels": out_labels, "valid": valid, "crowd": out_crowd, "size": size}

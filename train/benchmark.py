@@ -1,8 +1,13 @@
 """Training throughput: the trainer's jitted step vs torchvision, same model, batch and optimizer.
 
-``python -m train.benchmark --model mobilenet_v3_large --batch 32 --size 224 --steps 10``
+``python -m train.benchmark --model mobilenet_v3_large --batch 32 --size 224 --steps 10``; any
+``mbv3-train`` model: ``--model lraspp_mobilenet_v3_large`` (segmentation: torchvision's reference
+criterion, cross-entropy ignoring 255 plus 0.5 x the aux head's), ``--model
+ssdlite320_mobilenet_v3_large`` (detection: the model's train-mode losses, summed, on 4 boxes per
+image; 320 px; torch's side also runs the model's own normalize and 320 -> 320 resize, which the
+trainer does on the host).
 
-Every side runs one full optimizer step per iteration (forward, cross-entropy, backward, PyTorch-mode
+Every side runs one full optimizer step per iteration (forward, the task's loss, backward, PyTorch-mode
 RMSProp with weight decay) on random images, in one process, taking turns round by round (JAX, torch
 eager NCHW, torch eager channels_last, ``torch.compile``-d model, JAX, ...), and the median images/s
 of each is reported with JAX's ratio to the fastest torch side. ``torch.compile`` compiles the model
@@ -23,22 +28,50 @@ import time
 import jax
 import numpy as np
 
+NUM_CLASSES = {"classification": 1000, "segmentation": 21, "detection": 91}  # torchvision's defaults
+BOXES_PER_IMAGE = 4
 
-def jax_step_runner(name: str, batch: int, size: int, num_classes: int = 1000):
+
+def random_batch(kind: str, batch: int, size: int, num_classes: int) -> tuple[np.ndarray, object]:
+    """NHWC float32 images and the task's targets: class labels, (N, H, W) masks with a band of 255,
+    or detection targets padded to 8 rows (``BOXES_PER_IMAGE`` valid boxes in the size x size frame)."""
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((batch, size, size, 3)).astype(np.float32)
+    if kind == "segmentation":
+        masks = rng.integers(0, num_classes, (batch, size, size)).astype(np.int32)
+        masks[:, : size // 16] = 255
+        return images, masks
+    if kind == "detection":
+        xy = rng.uniform(0, size * 0.6, (batch, 8, 2))
+        wh = rng.uniform(size * 0.1, size * 0.4, (batch, 8, 2))
+        valid = np.arange(8)[None].repeat(batch, 0) < BOXES_PER_IMAGE
+        boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
+        labels = np.where(valid, rng.integers(1, num_classes, (batch, 8)), 0).astype(np.int32)
+        return images, {"boxes": boxes, "labels": labels, "valid": valid}
+    return images, rng.integers(0, num_classes, batch).astype(np.int32)
+
+
+def jax_step_runner(name: str, batch: int, size: int, num_classes: int | None = None):
     """(compile seconds, callable running one step and blocking)."""
-    from train import sharding, trainer
+    from train import sharding, tasks, trainer
     from train.config import ModelConfig, OptimConfig
 
-    model = trainer.build_model(ModelConfig(name=name, dropout=0.2), num_classes)
+    kind = trainer.task_kind(name)
+    num_classes = num_classes or NUM_CLASSES[kind]
+    model = trainer.build_model(
+        ModelConfig(name=name, dropout=0.2, aux_loss="deeplabv3" in name), num_classes
+    )
+    task = {
+        "classification": tasks.Classification(),
+        "segmentation": tasks.Segmentation(num_classes),
+        "detection": tasks.Detection(num_classes),
+    }[kind]
     optim = OptimConfig()
     schedule = trainer.learning_rate(optim, batch, steps_per_epoch=1000, total_steps=10_000)
     mesh = sharding.make_mesh()
-    steps = trainer.make_steps(model, trainer.make_optimizer(optim, schedule), schedule, mesh)
+    steps = trainer.make_steps(model, trainer.make_optimizer(optim, schedule), schedule, mesh, task=task)
     state = {"s": steps.init_state()}
-    rng = np.random.default_rng(0)
-    x, y = sharding.global_batch(
-        mesh, rng.standard_normal((batch, size, size, 3), np.float32), rng.integers(0, num_classes, batch)
-    )
+    x, y = sharding.global_batch(mesh, *random_batch(kind, batch, size, num_classes))
     t = time.perf_counter()
     compiled = steps.train_step.lower(state["s"], x, y).compile()
     compile_s = time.perf_counter() - t
@@ -54,7 +87,7 @@ def torch_step_runner(
     name: str,
     batch: int,
     size: int,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     channels_last: bool = False,
     device: str = "cpu",
     compile: bool = False,
@@ -64,12 +97,27 @@ def torch_step_runner(
     import torch
     import torchvision
 
-    model = torchvision.models.get_model(name, num_classes=num_classes).train().to(device)
+    from train.trainer import task_kind
+
+    kind = task_kind(name)
+    num_classes = num_classes or NUM_CLASSES[kind]
+    kwargs = {"aux_loss": True} if "deeplabv3" in name else {}
+    if kind != "classification":
+        kwargs |= {"weights_backbone": None}
+    model = torchvision.models.get_model(name, num_classes=num_classes, **kwargs).train().to(device)
     opt = torch.optim.RMSprop(
         model.parameters(), lr=0.002, alpha=0.9, eps=0.0316, momentum=0.9, weight_decay=1e-5
     )
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, num_classes, (batch,), device=device)
+    images, targets = random_batch(kind, batch, size, num_classes)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    if kind == "detection":
+        x = (x - x.min()) / (x.max() - x.min())  # images in [0, 1]: the model normalizes them
+        y = [
+            {"boxes": torch.from_numpy(b[v]).to(device), "labels": torch.from_numpy(lab[v]).long().to(device)}
+            for b, lab, v in zip(targets["boxes"], targets["labels"], targets["valid"], strict=True)
+        ]
+    else:
+        y = torch.from_numpy(np.asarray(targets)).long().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
@@ -80,9 +128,20 @@ def torch_step_runner(
         torch._dynamo.reset()
         forward = torch.compile(model, dynamic=False)
 
+    def loss() -> torch.Tensor:
+        if kind == "detection":
+            return sum(forward(list(x), y).values())
+        out = forward(x)
+        if kind == "classification":
+            return torch.nn.functional.cross_entropy(out, y)
+        total = torch.nn.functional.cross_entropy(out["out"], y, ignore_index=255)
+        if "aux" in out:
+            total = total + 0.5 * torch.nn.functional.cross_entropy(out["aux"], y, ignore_index=255)
+        return total
+
     def run() -> None:
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(forward(x), y).backward()
+        loss().backward()
         opt.step()
         if device != "cpu":
             torch.cuda.synchronize()  # CUDA calls return before the work is done
@@ -97,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mobilenet_v3_large")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument(
+        "--size", type=int, default=None, help="default: 224 (320 for SSDlite, 480 segmentation)"
+    )
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -115,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sides = ["channels_last"] if args.channels_last else list(dict.fromkeys(args.sides))
+    from train.trainer import task_kind
+
+    kind = task_kind(args.model)
+    if args.size is None:
+        args.size = {"classification": 224, "segmentation": 480, "detection": 320}[kind]
+    elif kind == "detection" and args.size != 320:
+        parser.error("SSDlite320's input is 320 px: leave --size")
     compile_s, jax_run = jax_step_runner(args.model, args.batch, args.size)
     runs = {"jax": jax_run}
     for side in sides:

@@ -72,7 +72,7 @@ def checkpoint_dir(workdir: str | os.PathLike) -> Path:
 
 # The eval metric that ranks a task's checkpoints (higher is better): classification's top-1,
 # segmentation's mIoU.
-RANKING_METRICS = ("top1", "miou")
+RANKING_METRICS = ("top1", "miou", "map")
 
 
 def ranking_metric(metrics: dict[str, float]) -> float:

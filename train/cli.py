@@ -74,6 +74,8 @@ def train_main(argv: list[str] | None = None) -> int:
             f"done: step {result['step']}, eval mIoU {result['miou']:.4f}, "
             f"pixel accuracy {result['pixel_acc']:.4f}"
         )
+    elif "map" in result:
+        print(f"done: step {result['step']}, eval mAP {result['map']:.4f}, mAP@0.5 {result['map50']:.4f}")
     return 0
 
 
@@ -176,7 +178,7 @@ def quantize_main(argv: list[str] | None = None) -> int:
 
 def plot_main(argv: list[str] | None = None) -> int:
     """``mbv3-plot WORKDIR [--out PNG] [--save-figures]``: loss, accuracy and learning-rate curves;
-    with ``--save-figures`` also a segmentation run's predictions next to the ground truth."""
+    with ``--save-figures`` also a segmentation or detection run's predictions next to the ground truth."""
     parser = argparse.ArgumentParser(prog="mbv3-plot", description="Draw a run's metrics.csv to a PNG.")
     parser.add_argument("workdir", help="the run's --workdir (or its metrics.csv)")
     parser.add_argument("--out", help="PNG path (default WORKDIR/metrics.png)")
@@ -184,7 +186,7 @@ def plot_main(argv: list[str] | None = None) -> int:
         "--save-figures",
         action="store_true",
         help="also draw the latest checkpoint's predictions on the first eval images to "
-        "WORKDIR/predictions.png (segmentation runs)",
+        "WORKDIR/predictions.png (segmentation and detection runs)",
     )
     parser.add_argument("--data-dir", help="TFDS data_dir of the eval images (default: the run's)")
     args = parser.parse_args(argv)
@@ -196,9 +198,9 @@ def plot_main(argv: list[str] | None = None) -> int:
         out = plot_metrics(csv, args.out)
         print(f"wrote {out}")
         if args.save_figures:
-            from train.figures import segmentation_predictions
+            from train.figures import save_predictions
 
-            print(f"wrote {segmentation_predictions(csv.parent, data_dir=args.data_dir)}")
+            print(f"wrote {save_predictions(csv.parent, data_dir=args.data_dir)}")
     except (FileNotFoundError, ValueError) as e:  # DataError is a ValueError
         return _err(str(e))
     return 0

@@ -92,6 +92,10 @@ class DataConfig:
     eval_crop: int = 224  # segmentation: the eval size, resized images padded to it (mask 255)
     # Segmentation: torchvision's RandomResize of the shorter side between resize_range x base_size
     # (train_crop: the random crop; eval_resize: the eval images' shorter side).
+    # Detection: boxes per image in a batch (padded, so every step has one shape; more is an error) and
+    # the ssdlite preset's RandomIoUCrop. The objects are read from label_key ("objects" if it is "label").
+    max_boxes: int = 100
+    iou_crop: bool = True
     base_size: int = 520
     resize_range: tuple[float, float] = (0.5, 2.0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)

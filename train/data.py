@@ -238,7 +238,9 @@ def image_folder_builder(root: str | os.PathLike, data_dir: str | os.PathLike | 
 class Split:
     """A random-access split: ``source[i]`` is a dict with an image (uint8 HWC) and its target under
     ``label_key``: a class label, or (``kind`` "segmentation") a (H, W, 1) uint8 mask of class indices
-    (255: ignored)."""
+    (255: ignored), or (``kind`` "detection") TFDS's objects: ``bbox`` (normalized ymin, xmin, ymax,
+    xmax), ``label`` (plus ``label_offset``: 1 where the data's labels do not reserve 0 for the
+    background, as torchvision's detection models do) and optionally ``is_crowd``."""
 
     source: Any
     num_classes: int
@@ -247,6 +249,7 @@ class Split:
     label_key: str
     split: str = ""  # the split opened (an image folder's eval split may stand in for the one asked)
     kind: str = "classification"
+    label_offset: int = 0
 
     def __len__(self) -> int:
         return len(self.source)
@@ -284,6 +287,28 @@ def _check_segmentation_features(info: Any, name: str, image_key: str, mask_key:
             )
 
 
+def _check_detection_features(info: Any, name: str, image_key: str, objects_key: str) -> list[str]:
+    """The class names of a detection dataset (``objects_key``: a sequence of ``bbox`` + ``label``)."""
+    tfds = _tfds()
+    features = info.features
+    keys = list(features.keys()) if hasattr(features, "keys") else []
+    objects = features[objects_key] if objects_key in keys else None
+    inner = getattr(objects, "feature", None)
+    inner_keys = list(inner.keys()) if hasattr(inner, "keys") else []
+    if (
+        image_key not in keys
+        or not isinstance(features[image_key], tfds.features.Image)
+        or not isinstance(objects, tfds.features.Sequence)
+        or "bbox" not in inner_keys
+        or not isinstance(inner["label"] if "label" in inner_keys else None, tfds.features.ClassLabel)
+    ):
+        raise DataError(
+            f"{name} is not a detection dataset with an image {image_key!r} and objects {objects_key!r} "
+            f"holding 'bbox' and a ClassLabel 'label' (it has {keys}); set --data.image_key/--data.label_key"
+        )
+    return list(inner["label"].names)
+
+
 def open_split(
     dataset: str,
     split: str,
@@ -304,6 +329,8 @@ def open_split(
     ``val`` / ``validation`` / ``test`` split (``Split.split`` says which was opened).
     ``kind`` "segmentation": ``label_key`` names a one-channel mask image; the class count is the
     dataset's where it is known (:data:`SEGMENTATION_CLASSES`), else 0 (the model config's).
+    ``kind`` "detection": ``label_key`` names the objects (``bbox``, ``label``); class 0 is the
+    background, so labels shift by one unless the data's first class is named "background".
     """
     tfds = _tfds()
 
@@ -316,16 +343,16 @@ def open_split(
         per = builder.info.splits[name].num_examples // count
         return f"{name}[{index * per}:{(index + 1) * per}]"
 
+    if image_folder and kind != "classification":
+        raise DataError(f"--data.image_folder holds classification data; {kind} reads a TFDS dataset")
     if image_folder:
         builder = image_folder_builder(image_folder, data_dir)
         split = _image_folder_split(image_folder, split, list(builder.info.splits), eval_fallback)
         source = builder.as_data_source(split=shard(builder, split))
         num_classes, names = _check_features(builder.info, str(image_folder), image_key, label_key)
         return Split(source, num_classes, names, image_key, label_key, split)
-    if kind not in ("classification", "segmentation"):
-        raise ValueError(f"kind must be 'classification' or 'segmentation', got {kind!r}")
-    if kind == "segmentation" and image_folder:
-        raise DataError("--data.image_folder holds classification data; segmentation reads a TFDS dataset")
+    if kind not in ("classification", "segmentation", "detection"):
+        raise ValueError(f"kind must be 'classification', 'segmentation' or 'detection', got {kind!r}")
     if dataset == DIGITS_NAME:
         _digits_builder_class()
     if dataset == SHAPES_NAME:
@@ -339,9 +366,15 @@ def open_split(
         close = difflib.get_close_matches(dataset, known + [DIGITS_NAME], n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise DataError(f"unknown TFDS dataset {dataset!r}.{hint} (or pass --data.image_folder)") from None
+    label_offset = 0
     if kind == "segmentation":
         _check_segmentation_features(builder.info, dataset, image_key, label_key)
         names = list(SEGMENTATION_CLASSES.get(dataset, ()))
+        num_classes = len(names)
+    elif kind == "detection":
+        names = _check_detection_features(builder.info, dataset, image_key, label_key)
+        if not names or names[0] != "background":
+            names, label_offset = ["background", *names], 1
         num_classes = len(names)
     else:
         num_classes, names = _check_features(builder.info, dataset, image_key, label_key)
@@ -359,7 +392,7 @@ def open_split(
         download=False,
         builder_kwargs={"file_format": "array_record"},
     )
-    return Split(source, num_classes, names, image_key, label_key, split, kind)
+    return Split(source, num_classes, names, image_key, label_key, split, kind, label_offset)
 
 
 def _image_folder_split(image_folder: str, split: str, splits: list[str], eval_fallback: bool) -> str:
@@ -456,12 +489,36 @@ def _transformed(split: Split, transform: Callable, ex: dict[str, Any], *rng: An
     image = np.asarray(ex[split.image_key])
     if split.kind == "segmentation":
         return transform(image, np.asarray(ex[split.label_key])[..., 0], *rng)
+    if split.kind == "detection":
+        return _detection_example(split, transform, ex, *rng)
     return transform(image, *rng), ex[split.label_key]
 
 
-def _stacked(pairs: list[tuple[Any, Any]]) -> tuple[np.ndarray, np.ndarray]:
+def _detection_example(split: Split, transform: Callable, ex: dict[str, Any], *rng: Any) -> tuple[Any, Any]:
+    """A detection transform's (image, targets) from TFDS objects: boxes as xyxy pixels. Training
+    (``rng`` given) leaves out crowd regions and boxes without area, as torchvision's
+    ``ConvertCocoPolysToMask``; evaluation keeps the crowd regions, which COCOeval ignores matches to."""
+    from train.shapes_data import tfds_to_xyxy
+
+    image, objects = np.asarray(ex[split.image_key]), ex[split.label_key]
+    h, w = image.shape[:2]
+    boxes = tfds_to_xyxy(np.asarray(objects["bbox"]), h, w)
+    labels = np.asarray(objects["label"], np.int64) + split.label_offset
+    crowd = np.asarray(objects.get("is_crowd", np.zeros(len(boxes), bool)), bool).reshape(-1)
+    ids = [f"{k} {ex[k]}" for k in ("image/id", "index", "image/filename") if k in ex]
+    name = f"{split.split} image ({ids[0]})" if ids else f"a {split.split} image"
+    if rng:
+        keep = ~crowd & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return transform(image, boxes[keep], labels[keep], *rng, name=name)
+    return transform(image, boxes, labels, crowd, name=name)
+
+
+def _stacked(pairs: list[tuple[Any, Any]]) -> tuple[np.ndarray, Any]:
     images = np.stack([image for image, _ in pairs]).astype(np.float32, copy=False)
-    return images, np.asarray(np.stack([target for _, target in pairs]), np.int32)
+    targets = [target for _, target in pairs]
+    if isinstance(targets[0], dict):  # detection: padded per-image arrays
+        return images, {k: np.stack([t[k] for t in targets]) for k in targets[0]}
+    return images, np.asarray(np.stack(targets), np.int32)
 
 
 def _default_threads() -> int:
@@ -517,6 +574,8 @@ class _EvalBatch:
         examples = _read(self.split, [min(p, n - 1) for p in positions])
         images, targets = _stacked([_transformed(self.split, self.transform, ex) for ex in examples])
         weights = np.asarray([p < n for p in positions], np.float32)
+        if isinstance(targets, dict):  # detection: the eval position names the image for COCO
+            targets["image_id"] = np.asarray(positions, np.int32)
         return images, targets, weights
 
 

@@ -1,5 +1,5 @@
-"""Pictures of what a run learned: a segmentation run's predictions next to the ground truth on its
-eval images (``mbv3-plot WORKDIR --save-figures``)."""
+"""Pictures of what a run learned: a segmentation or detection run's predictions next to the ground
+truth on its eval images (``mbv3-plot WORKDIR --save-figures``)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,113 @@ def colorize(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _run_config(workdir: Path, kind: str | None) -> Any:
+    """A run's TrainConfig; ``kind``: refuse a run of another task."""
+    from train.config import config_from_dict
+    from train.trainer import task_kind
+
+    config = config_from_dict(json.loads((workdir / checkpointing.CONFIG_FILE).read_text()))
+    if kind is not None and task_kind(config.model.name) != kind:
+        raise ValueError(f"{workdir} trained {config.model.name}, not a {kind} model")
+    return config
+
+
+def _save(fig: Any, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def save_predictions(workdir: str | os.PathLike, data_dir: str | None = None) -> Path:
+    """``WORKDIR/predictions.png`` for a segmentation or detection run."""
+    from train.trainer import task_kind
+
+    config = _run_config(Path(workdir), None)
+    kind = task_kind(config.model.name)
+    if kind == "segmentation":
+        return segmentation_predictions(workdir, data_dir=data_dir)
+    if kind == "detection":
+        return detection_predictions(workdir, data_dir=data_dir)
+    raise ValueError(
+        f"{workdir} trained a classifier ({config.model.name}): --save-figures draws segmentation "
+        "and detection predictions"
+    )
+
+
+def detection_predictions(
+    workdir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    num_images: int = 6,
+    step: int | None = None,
+    data_dir: str | None = None,
+    score_thresh: float = 0.3,
+) -> Path:
+    """A PNG of the first ``num_images`` eval images of a detection run: the ground-truth boxes and
+    the checkpoint's detections scoring above ``score_thresh`` side by side, coloured by class (default
+    ``WORKDIR/predictions.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train import data
+    from train.shapes_data import tfds_to_xyxy
+
+    workdir = Path(workdir)
+    d = _run_config(workdir, "detection").data
+    label_key = "objects" if d.label_key == "label" else d.label_key
+    split = data.open_split(
+        d.dataset,
+        d.eval_split,
+        data_dir=data_dir or d.data_dir,
+        image_key=d.image_key,
+        label_key=label_key,
+        kind="detection",
+    )
+    examples = [split.source[i] for i in range(min(num_images, len(split)))]
+    images = [np.asarray(ex[d.image_key]) for ex in examples]
+    model = workdir_model(workdir, step)
+    detections = model([x.astype(np.float32) / 255.0 for x in images])
+    fig, axes = plt.subplots(len(images), 2, figsize=(5, 2.5 * len(images)), squeeze=False)
+    for row, (ex, image, det) in enumerate(zip(examples, images, detections, strict=True)):
+        objects = ex[label_key]
+        truth = (
+            tfds_to_xyxy(np.asarray(objects["bbox"]), *image.shape[:2]),
+            np.asarray(objects["label"]) + split.label_offset,
+            None,
+        )
+        keep = np.asarray(det["scores"]) > score_thresh
+        predicted = (
+            np.asarray(det["boxes"])[keep],
+            np.asarray(det["labels"])[keep],
+            np.asarray(det["scores"])[keep],
+        )
+        for ax, (boxes, labels, scores), title in zip(
+            axes[row],
+            (truth, predicted),
+            ("ground truth", f"detections (score > {score_thresh})"),
+            strict=True,
+        ):
+            ax.imshow(image)
+            for j, ((x1, y1, x2, y2), label) in enumerate(zip(boxes, labels, strict=True)):
+                color = PALETTE[int(label) % len(PALETTE)] / 255.0
+                ax.add_patch(
+                    plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=color, linewidth=1.5)
+                )
+                if scores is not None:
+                    ax.text(x1, y1, f"{scores[j]:.2f}", color=color, fontsize=6, va="bottom")
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, Path(out) if out else workdir / "predictions.png")
+
+
 def segmentation_predictions(
     workdir: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -55,14 +162,9 @@ def segmentation_predictions(
     import matplotlib.pyplot as plt
 
     from train import augment, data
-    from train.config import config_from_dict
-    from train.trainer import task_kind
 
     workdir = Path(workdir)
-    config = config_from_dict(json.loads((workdir / checkpointing.CONFIG_FILE).read_text()))
-    if task_kind(config.model.name) != "segmentation":
-        raise ValueError(f"{workdir} trained {config.model.name}, not a segmentation model")
-    d = config.data
+    d = _run_config(workdir, "segmentation").data
     split = data.open_split(
         d.dataset,
         d.eval_split,
@@ -93,9 +195,4 @@ def segmentation_predictions(
             if row == 0:
                 ax.set_title(title)
     fig.tight_layout()
-    out = Path(out) if out else workdir / "predictions.png"
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return _save(fig, Path(out) if out else workdir / "predictions.png")

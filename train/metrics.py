@@ -21,6 +21,11 @@ COLUMNS = [
     "miou",
     "pixel_acc",
     "ema_miou",
+    "map",
+    "map50",
+    "map75",
+    "box_loss",
+    "ema_map",
     "images_per_s",
     "time_s",
 ]
@@ -119,7 +124,7 @@ def plot_metrics(csv_path: str | os.PathLike, out: str | os.PathLike | None = No
         raise FileNotFoundError(f"{csv_path} does not exist (is it a run's workdir?)")
     rows = read_csv(csv_path)
     train = [r for r in rows if r.get("kind") == "train" and "loss" in r]
-    evals = [r for r in rows if r.get("kind") == "eval" and ("top1" in r or "miou" in r)]
+    evals = [r for r in rows if r.get("kind") == "eval" and ("top1" in r or "miou" in r or "map" in r)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[0]
     if train:
@@ -131,6 +136,7 @@ def plot_metrics(csv_path: str | os.PathLike, out: str | os.PathLike | None = No
     ax = axes[1]
     curves = (("top1", "top-1"), ("top5", "top-5"), ("ema_top1", "EMA top-1"))
     curves += (("miou", "mIoU"), ("pixel_acc", "pixel accuracy"), ("ema_miou", "EMA mIoU"))
+    curves += (("map", "mAP"), ("map50", "mAP@0.5"), ("ema_map", "EMA mAP"))
     for key, label in curves:
         pts = [(r["epoch"], r[key]) for r in evals if key in r]
         if pts:

@@ -70,10 +70,15 @@ def state_shardings(tree: Any, mesh: Mesh, min_size: int = 2**14) -> Any:
     return jax.tree.map(one, tree)
 
 
-def global_batch(mesh: Mesh, *local_arrays: np.ndarray) -> tuple[jax.Array, ...]:
-    """Global arrays, batch-sharded, from this process's slices (``make_array_from_process_local_data``)."""
+def global_batch(mesh: Mesh, *local_arrays: Any) -> tuple[Any, ...]:
+    """Global arrays, batch-sharded, from this process's slices (``make_array_from_process_local_data``);
+    each argument may be a pytree of them (detection targets)."""
     sharding = batch_sharding(mesh)
-    return tuple(jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in local_arrays)
+
+    def one(a: Any) -> jax.Array:
+        return jax.make_array_from_process_local_data(sharding, np.asarray(a))
+
+    return tuple(jax.tree.map(one, a) for a in local_arrays)
 
 
 def to_host(tree: Any) -> Any:

@@ -1,16 +1,16 @@
 """What the trainer trains: each task turns a batch of (images, targets) into a loss and eval metrics.
 
 The trainer core (mesh, optimizer, checkpoints, exact resume, logging) is the same for every task; a
-task supplies the loss of a train step, the per-batch sums an eval step returns (added across batches
-on the device, so any eval set reduces to a few numbers) and how those sums become the reported
-metrics. ``best_metric`` ranks checkpoints (``checkpoint.keep_best``) and picks ``mbv3-average``'s best
-run; ``train_metric`` is the per-batch number logged in train rows.
+task supplies the loss of a train step, what an eval step returns per batch (sums, which :meth:`add`
+adds on the host, so any eval set reduces to a few numbers; detection keeps its detections instead)
+and how those become the reported metrics. ``best_metric`` ranks checkpoints (``checkpoint.keep_best``)
+and picks ``mbv3-average``'s best run; ``train_metric`` is the per-batch number logged in train rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,9 @@ import optax
 
 from train.losses import segmentation_loss
 from train.segmentation_eval import confusion_matrix, metrics_from_matrix
+
+if TYPE_CHECKING:
+    import os
 
 SEGMENTATION_IGNORE_INDEX = 255
 
@@ -32,8 +35,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits, optax.smooth_labels(onehot, label_smoothing)).mean()
 
 
+class _SummedEval:
+    """Eval outputs that are per-batch sums: the host adds them."""
+
+    @staticmethod
+    def add(total: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: total[k] + batch[k] for k in total}
+
+
 @dataclasses.dataclass(frozen=True)
-class Classification:
+class Classification(_SummedEval):
     """Image classification: torch's cross-entropy (optionally label-smoothed); eval top-1 / top-5 /
     loss over the eval set (padding images weigh 0)."""
 
@@ -66,7 +77,9 @@ class Classification:
             "count": jnp.sum(weights),
         }
 
-    def finalize(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
+    def finalize(
+        self, sums: dict[str, np.ndarray], results_path: str | os.PathLike | None = None
+    ) -> dict[str, float]:
         count = float(sums["count"])
         return {k: float(v) / count for k, v in sums.items() if k != "count"} | {"count": count}
 
@@ -75,7 +88,7 @@ class Classification:
 
 
 @dataclasses.dataclass(frozen=True)
-class Segmentation:
+class Segmentation(_SummedEval):
     """Semantic segmentation as torchvision's references/segmentation train it: cross-entropy over the
     pixels whose label is not 255, plus ``aux_weight`` times the aux head's (DeepLabV3 with
     ``aux_loss``); eval: the confusion matrix of the whole eval set, its mIoU and pixel accuracy
@@ -110,7 +123,9 @@ class Segmentation:
             "count": jnp.sum(weights),
         }
 
-    def finalize(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
+    def finalize(
+        self, sums: dict[str, np.ndarray], results_path: str | os.PathLike | None = None
+    ) -> dict[str, float]:
         m = metrics_from_matrix(sums["confusion"])
         return {
             "miou": m.miou,
@@ -125,4 +140,79 @@ class Segmentation:
         )
 
 
-Task = Classification | Segmentation
+@dataclasses.dataclass(frozen=True)
+class Detection:
+    """Object detection as torchvision's references/detection train it: the model's train-mode losses
+    (SSD: box regression + classification), summed; eval: COCO box mAP by pycocotools over every eval
+    image's detections, rescaled to the image's original size, against its ground truth (crowd regions
+    included), as torchvision's ``CocoEvaluator``. Boxes without ground truth of the sizes COCO splits
+    by are scored by box area (torchvision's non-COCO datasets)."""
+
+    num_classes: int
+    image_size: int = 320
+    kind: ClassVar[str] = "detection"
+    best_metric: ClassVar[str] = "map"
+    train_metric: ClassVar[str] = "box_loss"
+    ema_metrics: ClassVar[tuple[str, ...]] = ("map",)
+
+    def loss(
+        self, model: Any, images: jax.Array, targets: dict[str, jax.Array]
+    ) -> tuple[jax.Array, jax.Array]:
+        """(the summed losses, the box regression loss)."""
+        losses = model.losses(images, targets["boxes"], targets["labels"], targets["valid"])
+        return sum(losses.values()), losses["bbox_regression"]
+
+    def eval_sums(
+        self, model: Any, images: jax.Array, targets: dict[str, jax.Array], weights: jax.Array
+    ) -> dict[str, jax.Array]:
+        """The batch's detections (in the model's input frame) with its ground truth and weights."""
+        det = model.forward_detect(images)
+        return {f"det_{k}": v for k, v in det.items()} | targets | {"weights": weights}
+
+    @staticmethod
+    def add(total: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([total[k], batch[k]]) for k in total}
+
+    def finalize(
+        self, sums: dict[str, np.ndarray], results_path: str | os.PathLike | None = None
+    ) -> dict[str, float]:
+        """COCO stats of the evaluated images (padding rows dropped); ``results_path``: also write their
+        detections there as a COCO results JSON (atomically)."""
+        from train.detection_eval import (
+            coco_ground_truth,
+            coco_results,
+            coco_stats,
+            original_frame_detections,
+            write_results_json,
+        )
+
+        real = np.flatnonzero(sums["weights"] > 0)
+        ids = [int(i) for i in sums["image_id"][real]]
+        sizes = [tuple(int(v) for v in sums["size"][i]) for i in real]
+        ground_truth = []
+        for i, image_id, (h, w) in zip(real, ids, sizes, strict=True):
+            valid = sums["valid"][i]
+            ground_truth.append(
+                {
+                    "id": image_id,
+                    "height": h,
+                    "width": w,
+                    "boxes": sums["boxes"][i][valid],
+                    "labels": sums["labels"][i][valid],
+                    "iscrowd": sums["crowd"][i][valid].astype(np.int64),
+                }
+            )
+        coco_gt = coco_ground_truth(ground_truth, categories=range(1, self.num_classes))
+        outputs = {k: sums[f"det_{k}"][real] for k in ("boxes", "scores", "labels", "num_detections")}
+        s = self.image_size
+        results = coco_results(ids, original_frame_detections(outputs, [(s, s)] * len(ids), sizes))
+        stats = coco_stats(coco_gt, results, ids)
+        if results_path is not None:
+            write_results_json(results_path, results)
+        return {"map": stats["AP"], "map50": stats["AP50"], "map75": stats["AP75"], "count": float(len(ids))}
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        return f"mAP {metrics['map']:.4f} mAP@0.5 {metrics['map50']:.4f} mAP@0.75 {metrics['map75']:.4f}"
+
+
+Task = Classification | Segmentation | Detection

@@ -41,7 +41,7 @@ from mbv3_jax.variables import copy_by_path, describe_mismatch, format_path, var
 from train import augment, checkpointing, data, sharding
 from train.config import TrainConfig
 from train.metrics import MetricsWriter, plot_metrics
-from train.tasks import Classification, Segmentation, Task
+from train.tasks import Classification, Detection, Segmentation, Task
 
 State = dict[str, Any]
 
@@ -123,9 +123,16 @@ def load_init(model: nnx.Module, init: str | os.PathLike) -> list[str]:
 SEGMENTATION_MODELS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_mobilenet_v3_large")
 
 
+DETECTION_MODELS = ("ssdlite320_mobilenet_v3_large",)
+DETECTION_INPUT_SIZE = 320  # SSDlite320's fixed input
+DETECTIONS_FILE = "detections.json"  # the last evaluation's detections (COCO results)
+
+
 def task_kind(model_name: str) -> str:
-    """ "segmentation" for the segmentation builders, else "classification"."""
-    return "segmentation" if model_name in SEGMENTATION_MODELS else "classification"
+    """ "segmentation" or "detection" for those builders, else "classification"."""
+    if model_name in SEGMENTATION_MODELS:
+        return "segmentation"
+    return "detection" if model_name in DETECTION_MODELS else "classification"
 
 
 def build_model(cfg: Any, num_classes: int, seed: int = 0, qat_cfg: Any = None) -> nnx.Module:
@@ -154,7 +161,7 @@ def build_model(cfg: Any, num_classes: int, seed: int = 0, qat_cfg: Any = None) 
             param_dtype=param_dtype,
             rngs=nnx.Rngs(seed),
         )
-    elif task_kind(cfg.name) == "segmentation":
+    elif task_kind(cfg.name) != "classification":
         if qat_cfg is not None and qat_cfg.enabled:
             raise ValueError(f"quantization-aware training needs a classifier, not {cfg.name}")
         kwargs = {"aux_loss": True} if cfg.aux_loss else {}
@@ -451,20 +458,25 @@ def local_batch_offset(mesh: jax.sharding.Mesh, global_batch: int) -> tuple[int,
     return start, stop - start
 
 
-def evaluate(steps: Steps, params: Any, stats: Any, batches: Any) -> dict[str, float]:
+def evaluate(
+    steps: Steps, params: Any, stats: Any, batches: Any, results_path: str | os.PathLike | None = None
+) -> dict[str, float]:
     """The task's eval metrics over padded eval batches (weights 0 on padding): each batch's sums
-    added on the host in float64 / int64 (exact counts however large the eval set)."""
+    added on the host in float64 / int64 (exact counts however large the eval set); a detection task
+    keeps each batch's detections and writes them to ``results_path`` (COCO results JSON)."""
     sums: dict[str, np.ndarray] | None = None
     for images, targets, weights in batches:
         out = steps.eval_step(params, stats, *sharding.global_batch(steps.mesh, images, targets, weights))
         host = {k: _widened(np.asarray(v.addressable_data(0))) for k, v in out.items()}
-        sums = host if sums is None else {k: sums[k] + host[k] for k in sums}
+        sums = host if sums is None else steps.task.add(sums, host)
     if sums is None:
         raise ValueError("evaluation: the eval split is empty")
-    return steps.task.finalize(sums)
+    return steps.task.finalize(sums, results_path)
 
 
 def _widened(x: np.ndarray) -> np.ndarray:
+    if x.dtype == bool:
+        return x
     return x.astype(np.int64 if np.issubdtype(x.dtype, np.integer) else np.float64)
 
 
@@ -488,6 +500,8 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"train.global_batch must be >= 1, got {t.global_batch}")
     if t.eval_batch is not None and t.eval_batch < 1:
         raise ValueError(f"train.eval_batch must be >= 1 (or unset: global_batch), got {t.eval_batch}")
+    if config.data.max_boxes < 1:
+        raise ValueError(f"data.max_boxes must be >= 1, got {config.data.max_boxes}")
 
 
 def run(config: TrainConfig, *, allow_config_change: bool = False) -> dict[str, Any]:
@@ -569,6 +583,8 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
     )
     per_process = cfg_data.process_sharding == "process" and nproc > 1
     kind = task_kind(config.model.name)
+    if kind == "detection" and cfg_data.label_key == "label":
+        open_kw["label_key"] = "objects"  # TFDS's detection sets (coco, voc) name them so
     train_split = data.open_split(
         cfg_data.dataset,
         cfg_data.train_split,
@@ -611,6 +627,8 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
     tx = make_optimizer(cfg_optim, schedule)
     if kind == "segmentation":
         task: Task = Segmentation(num_classes, config.model.aux_weight)
+    elif kind == "detection":
+        task = Detection(num_classes, DETECTION_INPUT_SIZE)
     else:
         task = Classification(cfg_optim.label_smoothing)
     steps = make_steps(
@@ -668,6 +686,11 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
         train_tf = augment.SegmentationTrainTransform(
             cfg_data.base_size, cfg_data.train_crop, cfg_data.hflip, mean, std, tuple(cfg_data.resize_range)
         )
+    elif kind == "detection":
+        mean, std = tuple(model.config.image_mean), tuple(model.config.image_std)  # the model's transform
+        box_kw = dict(size=DETECTION_INPUT_SIZE, max_boxes=cfg_data.max_boxes, mean=mean, std=std)
+        train_tf = augment.DetectionTrainTransform(iou_crop=cfg_data.iou_crop, hflip=cfg_data.hflip, **box_kw)
+        eval_tf = augment.DetectionEvalTransform(**box_kw)
     else:
         train_tf, eval_tf = _classification_transforms(cfg_data)
     batches = data.train_batches(
@@ -691,7 +714,8 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
             process_index=eval_offset // eval_local,
             process_count=eval_G // eval_local,
         )
-        metrics = evaluate(steps, state["params"], state["batch_stats"], ev())
+        results = workdir / DETECTIONS_FILE if kind == "detection" and proc == 0 else None
+        metrics = evaluate(steps, state["params"], state["batch_stats"], ev(), results)
         row = {"step": step, "epoch": step / spe, "kind": "eval", **metrics}
         if "ema" in state:
             ema = evaluate(steps, state["ema"]["params"], state["ema"]["batch_stats"], ev())

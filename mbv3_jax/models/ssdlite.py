@@ -337,12 +337,14 @@ class SSD(Model):
 
     def _anchors(self, batch: jax.Array, features: Sequence[jax.Array]) -> jax.Array:
         # Static shapes: computed on the host at trace time, a constant of the program.
-        return jnp.asarray(self.anchor_generator(batch.shape[1:3], [f.shape[1:3] for f in features]))
+        dtype = np.dtype(jnp.promote_types(features[0].dtype, jnp.float32))
+        return jnp.asarray(self.anchor_generator(batch.shape[1:3], [f.shape[1:3] for f in features], dtype))
 
     def head_outputs(self, batch: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
-        """({"bbox_regression": (N, 3234, 4), "cls_logits": (N, 3234, C)} in float32, default boxes)."""
+        """({"bbox_regression": (N, 3234, 4), "cls_logits": (N, 3234, C)} in at least float32, default
+        boxes)."""
         features = self.backbone(batch)
-        out = {k: v.astype(jnp.float32) for k, v in self.head(features).items()}
+        out = {k: v.astype(jnp.promote_types(v.dtype, jnp.float32)) for k, v in self.head(features).items()}
         return out, self._anchors(batch, features)
 
     def forward_detect(self, batch: jax.Array) -> dict[str, jax.Array]:
@@ -442,6 +444,10 @@ class SSD(Model):
         cfg = self.config
         head = head_outputs
         coder = BoxCoder(BOX_CODER_WEIGHTS)
+        # Matching and box targets in the head's precision, as torchvision's anchors and targets are in
+        # the images' dtype: float32 targets in a float64 run would round differently per device layout.
+        dtype = head["bbox_regression"].dtype
+        anchors, gt_boxes = anchors.astype(dtype), gt_boxes.astype(dtype)
 
         def per_image(regression, logits, boxes, labels, valid):
             matched = ssd_match(box_iou(boxes, anchors), valid, cfg.iou_thresh)

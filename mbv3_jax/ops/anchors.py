@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -177,9 +178,12 @@ class DefaultBoxGenerator:
             boxes.append(np.concatenate([centres, np.tile(wh, (fh * fw, 1))], axis=1))
         return np.concatenate(boxes, axis=0).astype(_F32) if boxes else np.zeros((0, 4), _F32)
 
-    def __call__(self, image_hw: Sequence[int], feature_map_hws: Sequence[Sequence[int]]) -> np.ndarray:
-        """Default boxes ``(sum_k H_k * W_k * A_k, 4)`` float32, xyxy in pixels of the padded image."""
-        d = self.default_boxes_cxcywh(image_hw, feature_map_hws)
-        size = np.asarray([image_hw[1], image_hw[0]], _F32)
-        half = _F32(0.5) * d[:, 2:]
+    def __call__(
+        self, image_hw: Sequence[int], feature_map_hws: Sequence[Sequence[int]], dtype: Any = _F32
+    ) -> np.ndarray:
+        """Default boxes ``(sum_k H_k * W_k * A_k, 4)`` xyxy in pixels of the padded image, in ``dtype``
+        (the features'; torchvision converts its float32 centres and sizes to it before going to xyxy)."""
+        d = self.default_boxes_cxcywh(image_hw, feature_map_hws).astype(dtype)
+        size = np.asarray([image_hw[1], image_hw[0]], dtype)
+        half = np.dtype(dtype).type(0.5) * d[:, 2:]
         return np.concatenate([(d[:, :2] - half) * size, (d[:, :2] + half) * size], axis=1)
