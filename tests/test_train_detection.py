@@ -189,3 +189,54 @@ def test_one_device_and_two_processes_agree(tmp_path, data_dir):
     assert abs(counts[0] - counts[1]) <= 1e-3 * counts[0]
     for key in ("map", "map50", "map75"):
         assert m1[key] == pytest.approx(m2[key], rel=1e-2), key
+
+
+def test_coco_folder_split_keeps_the_files_ids(tmp_path):
+    """A COCO-format folder (``--data.coco_folder``) as a detection split: its sparse category ids
+    become labels 1..K, eval batches carry the file's image ids, and the results JSON the run writes
+    names the file's image and category ids again; for segmentation it yields semantic masks."""
+    from train.shapes_data import make_shapes, write_coco_folder
+    from train.tasks import Detection
+
+    root = tmp_path / "coco"
+    write_coco_folder(make_shapes("test", 3), root / "val")
+    ann_path = root / "val" / "annotations.json"
+    coco = json.loads(ann_path.read_text())
+    for image in coco["images"]:
+        image["id"] += 100
+    for ann in coco["annotations"]:
+        ann["image_id"] += 100
+        ann["category_id"] *= 10
+    for cat in coco["categories"]:
+        cat["id"] *= 10
+    ann_path.write_text(json.dumps(coco))
+
+    split = data.open_split("unused", "val", kind="detection", coco_folder=str(root))
+    assert (len(split), split.num_classes, split.category_ids) == (3, 4, (10, 20, 30))
+    with pytest.raises(data.DataError, match="has no split 'validation'.*splits found: \\['val'\\]"):
+        data.open_split("unused", "validation", kind="detection", coco_folder=str(root))
+    transform = augment.DetectionEvalTransform(size=64, max_boxes=8)
+    images, targets, weights = next(data.eval_batches(split, transform, 4))
+    assert targets["image_id"].tolist()[:3] == [101, 102, 103] and weights.tolist() == [1, 1, 1, 0]
+    first = coco["annotations"][0]
+    x, y, w, h = first["bbox"]
+    np.testing.assert_allclose(targets["boxes"][0, 0], [x, y, x + w, y + h])
+    assert targets["labels"][0, 0] == first["category_id"] // 10
+
+    # Detections = the ground truth itself, in the 64 px input frame: mAP 1, written with the file's ids.
+    n, scale = len(weights), np.float32(64 / 128)
+    sums = dict(targets, weights=weights)
+    sums["det_boxes"] = targets["boxes"] * scale
+    sums["det_scores"] = np.where(targets["valid"], 0.9, 0.0)
+    sums["det_labels"] = targets["labels"]
+    sums["det_num_detections"] = targets["valid"].sum(1)
+    assert n == 4
+    metrics = Detection(4, 64, split.category_ids).finalize(sums, tmp_path / "detections.json")
+    assert metrics["map"] == pytest.approx(1.0) and metrics["count"] == 3
+    results = json.loads((tmp_path / "detections.json").read_text())
+    assert {r["image_id"] for r in results} == {101, 102, 103}
+    assert {r["category_id"] for r in results} <= {10, 20, 30}
+
+    seg = data.open_split("unused", "val", kind="segmentation", coco_folder=str(root))
+    mask = seg.source[0]["mask"]
+    assert mask.shape == (128, 128, 1) and set(np.unique(mask)) <= {0, 1, 2, 3}

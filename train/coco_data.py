@@ -525,3 +525,61 @@ def bucket_indices(
     for i, (h, w) in enumerate(sizes):
         groups.setdefault(size_bucket(h, w, buckets, name=f"image {i}", **kwargs), []).append(i)
     return groups
+
+
+# --------------------------------------------------------------------------------------------------
+# A COCO folder as a trainer split
+# --------------------------------------------------------------------------------------------------
+
+
+def split_folder(root: str | os.PathLike, split: str) -> tuple[Path, Path | None, str]:
+    """Where ``split`` of a COCO-format folder is: ``(folder, image_dir, annotation_file)``.
+
+    Either ``root/<split>/annotations.json`` with its images (what :func:`train.shapes_data.
+    write_coco_folder` writes), or COCO's own layout, ``root/annotations/instances_<split>.json`` with
+    the images in ``root/<split>/`` (e.g. split ``train2017``)."""
+    root = Path(root).expanduser()
+    if (root / split / ANNOTATIONS_FILE).is_file():
+        return root / split, None, ANNOTATIONS_FILE
+    coco_style = root / "annotations" / f"instances_{split}.json"
+    if coco_style.is_file():
+        return root, Path(split), str(coco_style.relative_to(root))
+    present = (
+        sorted(p.name for p in root.iterdir() if (p / ANNOTATIONS_FILE).is_file()) if root.is_dir() else []
+    )
+    raise DataError(
+        f"COCO folder {root} has no split {split!r}: expected {root / split / ANNOTATIONS_FILE} or "
+        f"{coco_style} (splits found: {present or 'none'})"
+    )
+
+
+class CocoSource:
+    """A checked COCO folder as a random-access source of trainer examples: ``image`` (H, W, 3) uint8,
+    ``image/id`` (the file's id), ``objects`` (``boxes_xyxy`` pixels, ``label`` 1..K, ``is_crowd``;
+    crowd regions last) and ``mask`` (H, W, 1), the semantic mask (:meth:`CocoSet.semantic_mask`)
+    when ``masks``."""
+
+    def __init__(self, coco: CocoSet, masks: bool = False, start: int = 0, stop: int | None = None):
+        self.coco, self.with_masks = coco, masks
+        self.start, self.stop = start, len(coco) if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        i = self.start + index
+        img = self.coco.images[i]
+        example: dict[str, Any] = {
+            "image": self.coco.read_image(i),
+            "image/id": img.id,
+            "objects": {
+                "boxes_xyxy": np.concatenate([img.boxes, img.crowd_boxes]),
+                "label": np.concatenate([img.labels, img.crowd_labels]),
+                "is_crowd": np.arange(len(img.boxes) + len(img.crowd_boxes)) >= len(img.boxes),
+            },
+        }
+        if self.with_masks:
+            example["mask"] = self.coco.semantic_mask(i)[..., None]
+        return example

@@ -75,6 +75,9 @@ class DataConfig:
     dataset: str = "imagenet2012"
     data_dir: str | None = None  # TFDS data_dir (default: TFDS's, ~/tensorflow_datasets)
     image_folder: str | None = None  # a folder of class sub-folders (or train/ and val/ splits of them)
+    # Detection / segmentation from COCO-format folders: <coco_folder>/<split>/annotations.json + images,
+    # or COCO's layout, <coco_folder>/annotations/instances_<split>.json + <coco_folder>/<split>/.
+    coco_folder: str | None = None
     train_split: str = "train"
     eval_split: str = "validation"
     image_key: str = "image"

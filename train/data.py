@@ -250,6 +250,7 @@ class Split:
     split: str = ""  # the split opened (an image folder's eval split may stand in for the one asked)
     kind: str = "classification"
     label_offset: int = 0
+    category_ids: tuple[int, ...] | None = None  # a COCO folder's category id of each label >= 1
 
     def __len__(self) -> int:
         return len(self.source)
@@ -320,6 +321,7 @@ def open_split(
     process_shard: tuple[int, int] | None = None,
     eval_fallback: bool = False,
     kind: str = "classification",
+    coco_folder: str | None = None,
 ) -> Split:
     """Open ``split`` of a TFDS dataset (prepared on first use if it needs no manual download).
 
@@ -331,6 +333,9 @@ def open_split(
     dataset's where it is known (:data:`SEGMENTATION_CLASSES`), else 0 (the model config's).
     ``kind`` "detection": ``label_key`` names the objects (``bbox``, ``label``); class 0 is the
     background, so labels shift by one unless the data's first class is named "background".
+    ``coco_folder``: detection or segmentation data from a COCO-format folder instead of TFDS
+    (:func:`train.coco_data.split_folder` says where each split is; categories become labels 1..K;
+    the ``train`` split drops images without annotations, as torchvision's references do).
     """
     tfds = _tfds()
 
@@ -343,6 +348,8 @@ def open_split(
         per = builder.info.splits[name].num_examples // count
         return f"{name}[{index * per}:{(index + 1) * per}]"
 
+    if coco_folder:
+        return _coco_folder_split(coco_folder, split, kind, process_shard)
     if image_folder and kind != "classification":
         raise DataError(f"--data.image_folder holds classification data; {kind} reads a TFDS dataset")
     if image_folder:
@@ -393,6 +400,29 @@ def open_split(
         builder_kwargs={"file_format": "array_record"},
     )
     return Split(source, num_classes, names, image_key, label_key, split, kind, label_offset)
+
+
+def _coco_folder_split(root: str, split: str, kind: str, process_shard: tuple[int, int] | None) -> Split:
+    from train.coco_data import CocoSource, load_coco_folder, split_folder
+
+    if kind == "classification":
+        raise DataError("--data.coco_folder holds detection or segmentation data: pick such a model")
+    folder, image_dir, annotation_file = split_folder(root, split)
+    coco = load_coco_folder(
+        folder,
+        image_dir,
+        annotation_file=annotation_file,
+        remove_images_without_annotations=split.startswith("train"),
+    )
+    start, stop = 0, len(coco)
+    if process_shard is not None:
+        index, count = process_shard
+        per = len(coco) // count
+        start, stop = index * per, (index + 1) * per
+    source = CocoSource(coco, masks=kind == "segmentation", start=start, stop=stop)
+    label_key = "mask" if kind == "segmentation" else "objects"
+    names = list(coco.class_names)
+    return Split(source, coco.num_classes, names, "image", label_key, split, kind, 0, coco.category_ids)
 
 
 def _image_folder_split(image_folder: str, split: str, splits: list[str], eval_fallback: bool) -> str:
@@ -502,7 +532,10 @@ def _detection_example(split: Split, transform: Callable, ex: dict[str, Any], *r
 
     image, objects = np.asarray(ex[split.image_key]), ex[split.label_key]
     h, w = image.shape[:2]
-    boxes = tfds_to_xyxy(np.asarray(objects["bbox"]), h, w)
+    if "boxes_xyxy" in objects:  # a COCO folder's, in pixels
+        boxes = np.asarray(objects["boxes_xyxy"], np.float32).reshape(-1, 4)
+    else:
+        boxes = tfds_to_xyxy(np.asarray(objects["bbox"]), h, w)
     labels = np.asarray(objects["label"], np.int64) + split.label_offset
     crowd = np.asarray(objects.get("is_crowd", np.zeros(len(boxes), bool)), bool).reshape(-1)
     ids = [f"{k} {ex[k]}" for k in ("image/id", "index", "image/filename") if k in ex]
@@ -510,7 +543,10 @@ def _detection_example(split: Split, transform: Callable, ex: dict[str, Any], *r
     if rng:
         keep = ~crowd & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         return transform(image, boxes[keep], labels[keep], *rng, name=name)
-    return transform(image, boxes, labels, crowd, name=name)
+    x, targets = transform(image, boxes, labels, crowd, name=name)
+    if "image/id" in ex:  # the data's own id, so the results JSON matches its annotations
+        targets["image_id"] = np.asarray(ex["image/id"], np.int32)
+    return x, targets
 
 
 def _stacked(pairs: list[tuple[Any, Any]]) -> tuple[np.ndarray, Any]:
@@ -574,7 +610,7 @@ class _EvalBatch:
         examples = _read(self.split, [min(p, n - 1) for p in positions])
         images, targets = _stacked([_transformed(self.split, self.transform, ex) for ex in examples])
         weights = np.asarray([p < n for p in positions], np.float32)
-        if isinstance(targets, dict):  # detection: the eval position names the image for COCO
+        if isinstance(targets, dict) and "image_id" not in targets:  # detection: name the image for COCO
             targets["image_id"] = np.asarray(positions, np.int32)
         return images, targets, weights
 

@@ -106,19 +106,19 @@ def detection_predictions(
         image_key=d.image_key,
         label_key=label_key,
         kind="detection",
+        coco_folder=d.coco_folder,
     )
     examples = [split.source[i] for i in range(min(num_images, len(split)))]
-    images = [np.asarray(ex[d.image_key]) for ex in examples]
+    images = [np.asarray(ex[split.image_key]) for ex in examples]
     model = workdir_model(workdir, step)
     detections = model([x.astype(np.float32) / 255.0 for x in images])
     fig, axes = plt.subplots(len(images), 2, figsize=(5, 2.5 * len(images)), squeeze=False)
     for row, (ex, image, det) in enumerate(zip(examples, images, detections, strict=True)):
-        objects = ex[label_key]
-        truth = (
-            tfds_to_xyxy(np.asarray(objects["bbox"]), *image.shape[:2]),
-            np.asarray(objects["label"]) + split.label_offset,
-            None,
-        )
+        objects = ex[split.label_key]
+        boxes = objects.get("boxes_xyxy")
+        if boxes is None:
+            boxes = tfds_to_xyxy(np.asarray(objects["bbox"]), *image.shape[:2])
+        truth = (np.asarray(boxes), np.asarray(objects["label"]) + split.label_offset, None)
         keep = np.asarray(det["scores"]) > score_thresh
         predicted = (
             np.asarray(det["boxes"])[keep],
@@ -172,10 +172,13 @@ def segmentation_predictions(
         image_key=d.image_key,
         label_key=d.label_key,
         kind="segmentation",
+        coco_folder=d.coco_folder,
     )
     transform = augment.SegmentationEvalTransform(d.eval_resize, d.eval_crop, tuple(d.mean), tuple(d.std))
     examples = [split.source[i] for i in range(min(num_images, len(split)))]
-    pairs = [transform(np.asarray(ex[d.image_key]), np.asarray(ex[d.label_key])[..., 0]) for ex in examples]
+    pairs = [
+        transform(np.asarray(ex[split.image_key]), np.asarray(ex[split.label_key])[..., 0]) for ex in examples
+    ]
     images = np.stack([x for x, _ in pairs])
     model = workdir_model(workdir, step)
     predictions = np.asarray(model(images)["out"]).argmax(-1)

@@ -150,6 +150,7 @@ class Detection:
 
     num_classes: int
     image_size: int = 320
+    category_ids: tuple[int, ...] | None = None  # written to the results JSON for labels 1.. (else labels)
     kind: ClassVar[str] = "detection"
     best_metric: ClassVar[str] = "map"
     train_metric: ClassVar[str] = "box_loss"
@@ -205,9 +206,12 @@ class Detection:
         coco_gt = coco_ground_truth(ground_truth, categories=range(1, self.num_classes))
         outputs = {k: sums[f"det_{k}"][real] for k in ("boxes", "scores", "labels", "num_detections")}
         s = self.image_size
-        results = coco_results(ids, original_frame_detections(outputs, [(s, s)] * len(ids), sizes))
+        detections = original_frame_detections(outputs, [(s, s)] * len(ids), sizes)
+        results = coco_results(ids, detections)
         stats = coco_stats(coco_gt, results, ids)
         if results_path is not None:
+            if self.category_ids is not None:  # the data's own category ids, to score against its file
+                results = coco_results(ids, detections, (0, *self.category_ids))
             write_results_json(results_path, results)
         return {"map": stats["AP"], "map50": stats["AP50"], "map75": stats["AP75"], "count": float(len(ids))}
 

@@ -578,6 +578,7 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
     open_kw = dict(
         data_dir=cfg_data.data_dir,
         image_folder=cfg_data.image_folder,
+        coco_folder=cfg_data.coco_folder,
         image_key=cfg_data.image_key,
         label_key=cfg_data.label_key,
     )
@@ -628,7 +629,7 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
     if kind == "segmentation":
         task: Task = Segmentation(num_classes, config.model.aux_weight)
     elif kind == "detection":
-        task = Detection(num_classes, DETECTION_INPUT_SIZE)
+        task = Detection(num_classes, DETECTION_INPUT_SIZE, train_split.category_ids)
     else:
         task = Classification(cfg_optim.label_smoothing)
     steps = make_steps(
