@@ -154,6 +154,22 @@ def test_detection_transforms_give_static_shapes_and_matching_boxes():
         eval_tf(image, np.tile(boxes, (3, 1)), np.array([1, 1, 1]), np.zeros(3, bool), name="test image 7")
 
 
+def test_faster_rcnn_transform_keeps_the_aspect_ratio_and_pads():
+    # Faster R-CNN 320's resize: the shorter side to 320 unless the longer passes 640; padded to 640.
+    image = np.full((100, 250, 3), 255, np.uint8)
+    boxes, labels = np.array([[50, 10, 100, 60]], np.float32), np.array([1])
+    kw = dict(size=640, max_boxes=2, keep_ratio=(320, 640))
+    x, t = augment.DetectionTrainTransform(iou_crop=False, hflip=False, **kw)(
+        image, boxes, labels, np.random.default_rng(0)
+    )
+    assert x.shape == (640, 640, 3) and t["image_size"].tolist() == [256, 640]  # 640 / 250 = 2.56
+    assert (x[:256] == 1.0).all() and (x[256:] == 0).all()  # normalized white, then zero padding
+    np.testing.assert_allclose(t["boxes"][0], boxes[0] * 2.56, rtol=1e-6)
+    x, t = augment.DetectionEvalTransform(**kw)(image, boxes, labels, np.zeros(1, bool))
+    assert t["image_size"].tolist() == [256, 640] and t["size"].tolist() == [100, 250]
+    np.testing.assert_array_equal(t["boxes"][0], boxes[0])
+
+
 def test_detection_needs_an_objects_dataset(data_dir):
     with pytest.raises(
         data.DataError, match="not a detection dataset with an image 'image' and objects 'mask"

@@ -399,23 +399,37 @@ def random_iou_crop(
 
 
 def _detection_input(
-    img: np.ndarray, boxes: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """torchvision's ``GeneralizedRCNNTransform`` for a fixed-size model: normalize, resize to size x
-    size, and the boxes by the float32 ratios ``size / side``."""
+    img: np.ndarray,
+    boxes: np.ndarray,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    keep_ratio: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """torchvision's ``GeneralizedRCNNTransform``: normalize, resize, and the boxes by the float32
+    ratios ``new / old``; returns (image, boxes, its (h, w) after the resize). A fixed-size model
+    (SSDlite) resizes to ``size`` x ``size``; ``keep_ratio=(min_size, max_size)`` (Faster R-CNN)
+    scales the shorter side to min_size unless the longer would pass max_size, then pads at the
+    bottom and right to ``size`` x ``size`` (the batch's one shape; torchvision pads to the batch's
+    largest image, rounded up to 32)."""
+    from mbv3_jax.models.detection import resized_size
     from mbv3_jax.models.detection_utils import resize_boxes
 
     h, w = img.shape[:2]
-    x = resize_bilinear(normalize_uint8(img, mean, std), size, size)
-    return x, resize_boxes(boxes, (h, w), (size, size))
+    out_h, out_w = (size, size) if keep_ratio is None else resized_size(h, w, *keep_ratio)
+    x = resize_bilinear(normalize_uint8(img, mean, std), out_h, out_w)
+    if (out_h, out_w) != (size, size):
+        x = np.pad(x, ((0, size - out_h), (0, size - out_w), (0, 0)))
+    return x, resize_boxes(boxes, (h, w), (out_h, out_w)), np.asarray([out_h, out_w], np.int32)
 
 
 @dataclass(frozen=True)
 class DetectionTrainTransform:
-    """torchvision's ``DetectionPresetTrain`` for ``ssdlite``: RandomIoUCrop, RandomHorizontalFlip; then
-    the model's transform (normalize, resize to ``size``). uint8 HWC image, (G, 4) xyxy pixel boxes, (G,)
-    labels, generator -> (float32 size x size x 3, targets padded to ``max_boxes``: ``boxes`` in the
-    resized frame, ``labels``, ``valid``)."""
+    """torchvision's ``DetectionPresetTrain``: ``ssdlite`` (RandomIoUCrop, RandomHorizontalFlip) or
+    ``hflip`` (``iou_crop=False``); then the model's transform (:func:`_detection_input`). uint8 HWC
+    image, (G, 4) xyxy pixel boxes, (G,) labels, generator -> (float32 size x size x 3, targets padded
+    to ``max_boxes``: ``boxes`` in the resized frame, ``labels``, ``valid``, and ``image_size``, the
+    resized image's (h, w) within the padding)."""
 
     size: int = 320
     max_boxes: int = 100
@@ -423,6 +437,7 @@ class DetectionTrainTransform:
     hflip: bool = True
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    keep_ratio: tuple[int, int] | None = None  # (min_size, max_size): Faster R-CNN's resize
 
     def __call__(
         self, img: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator, name: str = ""
@@ -437,21 +452,24 @@ class DetectionTrainTransform:
             boxes = np.stack(
                 [img.shape[1] - boxes[:, 2], boxes[:, 1], img.shape[1] - boxes[:, 0], boxes[:, 3]], 1
             )
-        x, boxes = _detection_input(np.ascontiguousarray(img), boxes, self.size, self.mean, self.std)
+        x, boxes, hw = _detection_input(
+            np.ascontiguousarray(img), boxes, self.size, self.mean, self.std, self.keep_ratio
+        )
         out_boxes, out_labels, valid = pad_targets(boxes, labels, self.max_boxes, name=name)
-        return x, {"boxes": out_boxes, "labels": out_labels, "valid": valid}
+        return x, {"boxes": out_boxes, "labels": out_labels, "valid": valid, "image_size": hw}
 
 
 @dataclass(frozen=True)
 class DetectionEvalTransform:
-    """The model's transform (normalize, resize to ``size``) with the ground truth kept in the original
+    """The model's transform (:func:`_detection_input`) with the ground truth kept in the original
     frame for COCO evaluation: targets ``boxes`` (xyxy pixels), ``labels``, ``valid``, ``crowd`` padded
-    to ``max_boxes``, and ``size`` (the original height, width)."""
+    to ``max_boxes``, ``size`` (the original height, width) and ``image_size`` (the resized one)."""
 
     size: int = 320
     max_boxes: int = 100
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    keep_ratio: tuple[int, int] | None = None
 
     def __call__(
         self, img: np.ndarray, boxes: np.ndarray, labels: np.ndarray, crowd: np.ndarray, name: str = ""
@@ -459,9 +477,10 @@ class DetectionEvalTransform:
         from train.coco_data import pad_targets
 
         img = as_rgb_uint8(img)
-        x, _ = _detection_input(img, boxes, self.size, self.mean, self.std)
+        x, _, hw = _detection_input(img, boxes, self.size, self.mean, self.std, self.keep_ratio)
         out_boxes, out_labels, valid = pad_targets(boxes, labels, self.max_boxes, name=name)
         out_crowd = np.zeros(self.max_boxes, bool)
         out_crowd[: len(crowd)] = crowd
         size = np.asarray(img.shape[:2], np.int32)
-        return x, {"boxes": out_boxes, "labels": out_labels, "valid": valid, "crowd": out_crowd, "size": size}
+        targets = {"boxes": out_boxes, "labels": out_labels, "valid": valid, "crowd": out_crowd, "size": size}
+        return x, targets | {"image_size": hw}

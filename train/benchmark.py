@@ -47,7 +47,8 @@ def random_batch(kind: str, batch: int, size: int, num_classes: int) -> tuple[np
         valid = np.arange(8)[None].repeat(batch, 0) < BOXES_PER_IMAGE
         boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
         labels = np.where(valid, rng.integers(1, num_classes, (batch, 8)), 0).astype(np.int32)
-        return images, {"boxes": boxes, "labels": labels, "valid": valid}
+        image_size = np.full((batch, 2), size, np.int32)
+        return images, {"boxes": boxes, "labels": labels, "valid": valid, "image_size": image_size}
     return images, rng.integers(0, num_classes, batch).astype(np.int32)
 
 
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         args.size = {"classification": 224, "segmentation": 480, "detection": 320}[kind]
     elif kind == "detection" and args.size != 320:
         parser.error("SSDlite320's input is 320 px: leave --size")
+    if args.model.startswith("fasterrcnn"):
+        parser.error("Faster R-CNN is not benchmarked yet (its images keep their aspect ratio)")
     compile_s, jax_run = jax_step_runner(args.model, args.batch, args.size)
     runs = {"jax": jax_run}
     for side in sides:

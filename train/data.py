@@ -251,6 +251,7 @@ class Split:
     kind: str = "classification"
     label_offset: int = 0
     category_ids: tuple[int, ...] | None = None  # a COCO folder's category id of each label >= 1
+    image_hw: tuple[int, int] | None = None  # every image's (height, width), where the data fixes it
 
     def __len__(self) -> int:
         return len(self.source)
@@ -399,7 +400,9 @@ def open_split(
         download=False,
         builder_kwargs={"file_format": "array_record"},
     )
-    return Split(source, num_classes, names, image_key, label_key, split, kind, label_offset)
+    image_shape = getattr(builder.info.features[image_key], "shape", (None, None))
+    image_hw = tuple(image_shape[:2]) if None not in image_shape[:2] else None
+    return Split(source, num_classes, names, image_key, label_key, split, kind, label_offset, None, image_hw)
 
 
 def _coco_folder_split(root: str, split: str, kind: str, process_shard: tuple[int, int] | None) -> Split:
@@ -422,7 +425,11 @@ def _coco_folder_split(root: str, split: str, kind: str, process_shard: tuple[in
     source = CocoSource(coco, masks=kind == "segmentation", start=start, stop=stop)
     label_key = "mask" if kind == "segmentation" else "objects"
     names = list(coco.class_names)
-    return Split(source, coco.num_classes, names, "image", label_key, split, kind, 0, coco.category_ids)
+    sizes = {(img.height, img.width) for img in coco.images}
+    image_hw = sizes.pop() if len(sizes) == 1 else None
+    return Split(
+        source, coco.num_classes, names, "image", label_key, split, kind, 0, coco.category_ids, image_hw
+    )
 
 
 def _image_folder_split(image_folder: str, split: str, splits: list[str], eval_fallback: bool) -> str:

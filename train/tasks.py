@@ -54,7 +54,9 @@ class Classification(_SummedEval):
     train_metric: ClassVar[str] = "top1"
     ema_metrics: ClassVar[tuple[str, ...]] = ("top1", "top5")
 
-    def loss(self, model: Any, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def loss(
+        self, model: Any, images: jax.Array, labels: jax.Array, key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """(loss, the batch's top-1 accuracy)."""
         logits = model.forward(images)
         loss = cross_entropy(logits, labels, self.label_smoothing)
@@ -101,7 +103,9 @@ class Segmentation(_SummedEval):
     train_metric: ClassVar[str] = "pixel_acc"
     ema_metrics: ClassVar[tuple[str, ...]] = ("miou",)
 
-    def loss(self, model: Any, images: jax.Array, masks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def loss(
+        self, model: Any, images: jax.Array, masks: jax.Array, key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """(loss, the batch's pixel accuracy over labelled pixels)."""
         out = model.forward(images)
         loss = segmentation_loss(out, masks, self.aux_weight)
@@ -142,32 +146,45 @@ class Segmentation(_SummedEval):
 
 @dataclasses.dataclass(frozen=True)
 class Detection:
-    """Object detection as torchvision's references/detection train it: the model's train-mode losses
-    (SSD: box regression + classification), summed; eval: COCO box mAP by pycocotools over every eval
-    image's detections, rescaled to the image's original size, against its ground truth (crowd regions
-    included), as torchvision's ``CocoEvaluator``. Boxes without ground truth of the sizes COCO splits
-    by are scored by box area (torchvision's non-COCO datasets)."""
+    """Object detection as torchvision's references/detection train it: the model's train-mode losses,
+    summed (SSD: box regression + classification; Faster R-CNN: its four, with the step's key for the
+    samplers); eval: COCO box mAP by pycocotools over every eval image's detections, rescaled to the
+    image's original size, against its ground truth (crowd regions included), as torchvision's
+    ``CocoEvaluator``. Without COCO's mask areas the small / medium / large split goes by box area.
+
+    ``image_size``: the batch's side (SSDlite's fixed input, or Faster R-CNN's padded one, which also
+    sets RoIAlign's scales as torchvision's from its padded batch); ``keep_ratio``: a Faster R-CNN
+    (images resized keeping their aspect ratio, each one's size in the targets' ``image_size``)."""
 
     num_classes: int
     image_size: int = 320
     category_ids: tuple[int, ...] | None = None  # written to the results JSON for labels 1.. (else labels)
+    keep_ratio: bool = False
     kind: ClassVar[str] = "detection"
     best_metric: ClassVar[str] = "map"
     train_metric: ClassVar[str] = "box_loss"
     ema_metrics: ClassVar[tuple[str, ...]] = ("map",)
 
     def loss(
-        self, model: Any, images: jax.Array, targets: dict[str, jax.Array]
+        self, model: Any, images: jax.Array, targets: dict[str, jax.Array], key: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
-        """(the summed losses, the box regression loss)."""
-        losses = model.losses(images, targets["boxes"], targets["labels"], targets["valid"])
+        """(the summed losses, the box regression loss of the detections: SSD's, or the RoI heads')."""
+        boxes, labels, valid = targets["boxes"], targets["labels"], targets["valid"]
+        if self.keep_ratio:
+            hw = (self.image_size, self.image_size)
+            losses = model.forward_train(images, targets["image_size"], boxes, labels, valid, key, hw)
+            return sum(losses.values()), losses["loss_box_reg"]
+        losses = model.losses(images, boxes, labels, valid)
         return sum(losses.values()), losses["bbox_regression"]
 
     def eval_sums(
         self, model: Any, images: jax.Array, targets: dict[str, jax.Array], weights: jax.Array
     ) -> dict[str, jax.Array]:
         """The batch's detections (in the model's input frame) with its ground truth and weights."""
-        det = model.forward_detect(images)
+        if self.keep_ratio:
+            det = model.forward_detect(images, targets["image_size"], (self.image_size, self.image_size))
+        else:
+            det = model.forward_detect(images)
         return {f"det_{k}": v for k, v in det.items()} | targets | {"weights": weights}
 
     @staticmethod
@@ -205,8 +222,8 @@ class Detection:
             )
         coco_gt = coco_ground_truth(ground_truth, categories=range(1, self.num_classes))
         outputs = {k: sums[f"det_{k}"][real] for k in ("boxes", "scores", "labels", "num_detections")}
-        s = self.image_size
-        detections = original_frame_detections(outputs, [(s, s)] * len(ids), sizes)
+        resized = [tuple(int(v) for v in sums["image_size"][i]) for i in real]
+        detections = original_frame_detections(outputs, resized, sizes)
         results = coco_results(ids, detections)
         stats = coco_stats(coco_gt, results, ids)
         if results_path is not None:

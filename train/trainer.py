@@ -123,8 +123,32 @@ def load_init(model: nnx.Module, init: str | os.PathLike) -> list[str]:
 SEGMENTATION_MODELS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_mobilenet_v3_large")
 
 
-DETECTION_MODELS = ("ssdlite320_mobilenet_v3_large",)
-DETECTION_INPUT_SIZE = 320  # SSDlite320's fixed input
+DETECTION_MODELS = (
+    "ssdlite320_mobilenet_v3_large",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+)
+
+
+def keep_ratio(model: Any) -> bool:
+    """Whether a detection model resizes keeping the aspect ratio (Faster R-CNN) or to a fixed size."""
+    return hasattr(model, "forward_train")
+
+
+def detection_input_size(model: Any, image_hw: tuple[int, int] | None = None) -> int:
+    """The side of a detection batch: SSDlite's fixed 320, or Faster R-CNN's max_size rounded up to 32
+    (every resized image fits it, so one program serves every batch), or, when every image of the
+    data has one size ``image_hw``, its resized longer side rounded up to 32."""
+    if not keep_ratio(model):
+        return SSD_INPUT_SIZE
+    from mbv3_jax.models.detection import resized_size
+
+    cfg = model.config
+    side = max(resized_size(*image_hw, cfg.min_size, cfg.max_size)) if image_hw else cfg.max_size
+    return -(-side // 32) * 32
+
+
+SSD_INPUT_SIZE = 320
 DETECTIONS_FILE = "detections.json"  # the last evaluation's detections (COCO results)
 
 
@@ -395,7 +419,7 @@ def make_steps(
             m = nnx.merge(graphdef_train, p, state["batch_stats"], rngs)
             if qat_schedule is not None:
                 qat_schedule.for_train_step(m, step)
-            loss, metric = task.loss(m, images, targets)
+            loss, metric = task.loss(m, images, targets, jax.random.fold_in(key, 1))
             return loss, (nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)), metric)
 
         (loss, (new_stats, metric)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -629,7 +653,9 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
     if kind == "segmentation":
         task: Task = Segmentation(num_classes, config.model.aux_weight)
     elif kind == "detection":
-        task = Detection(num_classes, DETECTION_INPUT_SIZE, train_split.category_ids)
+        task = Detection(
+            num_classes, detection_input_size(model), train_split.category_ids, keep_ratio(model)
+        )
     else:
         task = Classification(cfg_optim.label_smoothing)
     steps = make_steps(
@@ -689,8 +715,12 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
         )
     elif kind == "detection":
         mean, std = tuple(model.config.image_mean), tuple(model.config.image_std)  # the model's transform
-        box_kw = dict(size=DETECTION_INPUT_SIZE, max_boxes=cfg_data.max_boxes, mean=mean, std=std)
-        train_tf = augment.DetectionTrainTransform(iou_crop=cfg_data.iou_crop, hflip=cfg_data.hflip, **box_kw)
+        box_kw = dict(size=task.image_size, max_boxes=cfg_data.max_boxes, mean=mean, std=std)
+        if task.keep_ratio:
+            box_kw["keep_ratio"] = (model.config.min_size, model.config.max_size)
+        # torchvision's presets: "ssdlite" for SSDlite, "hflip" (flip only) for Faster R-CNN.
+        iou_crop = cfg_data.iou_crop and not task.keep_ratio
+        train_tf = augment.DetectionTrainTransform(iou_crop=iou_crop, hflip=cfg_data.hflip, **box_kw)
         eval_tf = augment.DetectionEvalTransform(**box_kw)
     else:
         train_tf, eval_tf = _classification_transforms(cfg_data)
