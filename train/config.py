@@ -120,9 +120,11 @@ class OptimConfig:
     weight_decay: float = 1e-5
     norm_weight_decay: bool = True  # torchvision's default decays BN parameters and biases too
     # "step" (StepLR per epoch) | "exponential" | "constant" | "cosine" | "poly" (PolynomialLR, power
-    # 0.9, per step: torchvision's segmentation recipe)
+    # 0.9, per step: torchvision's segmentation recipe) | "multistep" (MultiStepLR: x lr_gamma at each
+    # of lr_milestones, in epochs: torchvision's Faster R-CNN recipe)
     schedule: str = "step"
     lr_step_epochs: float = 2.0
+    lr_milestones: tuple[int, ...] = ()
     lr_gamma: float = 0.973
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
@@ -250,6 +252,8 @@ def _convert(text: str, typ: Any, key: str) -> Any:
         raise ConfigError("; ".join(errors))
     if origin is tuple:
         parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[T, ...]: any count
+            return tuple(_convert(p.strip(), args[0], key) for p in parts)
         if len(parts) != len(args):
             raise ConfigError(f"--{key} expects {len(args)} comma-separated values, got {text!r}")
         return tuple(_convert(p.strip(), a, key) for p, a in zip(parts, args, strict=True))

@@ -265,13 +265,19 @@ def learning_rate(cfg: Any, global_batch: int, steps_per_epoch: int, total_steps
         )
     elif cfg.schedule == "constant":
         schedule = optax.constant_schedule(base)
+    elif cfg.schedule == "multistep":
+        if not cfg.lr_milestones:
+            raise ValueError("schedule 'multistep' needs optim.lr_milestones (epochs), e.g. 16,22")
+        boundaries = {int(m) * steps_per_epoch: cfg.lr_gamma for m in cfg.lr_milestones}
+        schedule = optax.piecewise_constant_schedule(base, boundaries)
     elif cfg.schedule == "poly":
         # torch's PolynomialLR(total_iters=total_steps, power=0.9) stepped per iteration, as
         # torchvision's segmentation reference: base * (1 - step / total) ** 0.9.
         schedule = optax.polynomial_schedule(base, 0.0, 0.9, total_steps)
     else:
         raise ValueError(
-            f"unknown schedule {cfg.schedule!r}; expected step, exponential, cosine, poly or constant"
+            f"unknown schedule {cfg.schedule!r}; expected step, exponential, cosine, poly, multistep "
+            "or constant"
         )
     if cfg.warmup_epochs:
         schedule = optim.linear_warmup(schedule, round(cfg.warmup_epochs * steps_per_epoch), 0.01)

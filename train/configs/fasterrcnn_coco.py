@@ -1,0 +1,44 @@
+"""torchvision's Faster R-CNN MobileNetV3-Large 320 FPN recipe (references/detection, the COCO_V1
+weights) on TFDS ``coco/2017``; for the 800 px model set ``model.name`` to
+``fasterrcnn_mobilenet_v3_large_fpn`` (the same recipe).
+
+``torchrun --nproc_per_node=8 train.py --dataset coco --model fasterrcnn_mobilenet_v3_large_320_fpn
+--epochs 26 --lr-steps 16 22 --aspect-ratio-group-factor 3 --lr 0.02 --batch-size 2 --weights-backbone
+MobileNet_V3_Large_Weights.IMAGENET1K_V1`` with its defaults: SGD momentum 0.9, lr 0.02 for a global
+batch of 16 (scaled linearly with the batch), weight decay 1e-4 on every parameter, MultiStepLR x0.1
+at epochs 16 and 22, 26 epochs, a linear warm-up in the first epoch (torchvision: min(1000, an epoch)
+iterations from 0.001 x lr), horizontal flip (the ``hflip`` preset), COCO mAP on val2017.
+
+Where it differs, and why:
+- the backbone starts from scratch: torchvision starts from ImageNet weights (and freezes the first
+  stages, ``trainable_backbone_layers=3``), which the trainer cannot load alone or freeze yet;
+- batches are not grouped by aspect ratio: every image is padded to one 640 x 640 square (one
+  compiled program), where torchvision pads each batch of similar shapes to its largest image;
+- the warm-up starts at 0.01 x lr over one epoch (the trainer's linear warm-up), not 0.001;
+- TFDS numbers COCO's 80 categories 0..79, so the model has 81 classes, not torchvision's 91;
+- images without annotations stay in training (adding only background), and ground-truth areas
+  for COCO's size split are box areas (see ``ssdlite_coco``).
+Copy this file, edit it, and pass its path to ``mbv3-train --config``.
+"""
+
+from train.config import TrainConfig
+
+
+def get_config() -> TrainConfig:
+    config = TrainConfig(name="fasterrcnn_mobilenet_v3_large_320_fpn-torchvision", workdir="runs/frcnn_coco")
+    config.model.name = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    d = config.data
+    d.dataset, d.train_split, d.eval_split = "coco/2017", "train", "validation"
+    d.label_key = "objects"
+    d.max_boxes = 100
+    d.hflip = True
+    d.worker_count = 8
+    o = config.optim
+    o.optimizer = "sgd"
+    o.lr, o.reference_batch = 0.02, 16
+    o.momentum, o.weight_decay = 0.9, 1e-4
+    o.schedule, o.lr_milestones, o.lr_gamma, o.warmup_epochs = "multistep", (16, 22), 0.1, 1.0
+    t = config.train
+    t.epochs, t.global_batch, t.eval_batch = 26, 16, 16
+    t.eval_every_epochs = 1
+    return config
