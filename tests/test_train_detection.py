@@ -57,7 +57,7 @@ def test_trains_evaluates_and_resumes_exactly(tmp_path, data_dir):
     # Four steps with checkpoints at 2 and 4; then the run as a kill after step 2 leaves it (its step-4
     # checkpoint gone), resumed to 4.
     args = ["--train.max_steps", "4", "--train.eval_every_steps", "4", "--checkpoint.every_steps", "2"]
-    args += ["--train.eval_at_start", "true"]
+    args += ["--train.eval_at_start", "true", "--model.trainable_backbone_layers", "3"]
     compilations = _Compilations()
     logger = logging.getLogger("jax")
     logger.addHandler(compilations)
@@ -85,6 +85,14 @@ def test_trains_evaluates_and_resumes_exactly(tmp_path, data_dir):
     assert max(r["bbox"][0] + r["bbox"][2] for r in results) <= 128 + 1e-3
     straight, meta, step = restore_host(tmp_path / "straight")
     assert step == 4 and meta["metrics"]["map"] == evaluation["map"] and meta["metrics"]["count"] == 20
+    # trainable_backbone_layers 3: the backbone's features 0..6 (before its last 3 stages) stay as they
+    # were (no update, no weight decay); the rest trains.
+    at_2, _, _ = restore_host(tmp_path / "straight", 2)
+    for i, layer in straight["params"]["backbone"]["features"].items():
+        before = at_2["params"]["backbone"]["features"][i]
+        pairs = zip(jax.tree.leaves(layer), jax.tree.leaves(before), strict=True)
+        unchanged = [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs]
+        assert all(unchanged) if int(i) < 7 else not all(unchanged), i
 
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")

@@ -47,6 +47,9 @@ class ModelConfig:
     # aux_weight (torchvision's references: 0.5).
     aux_loss: bool = False
     aux_weight: float = 0.5
+    # Detection: train only the last N backbone stages (0..6; torchvision's trainable_backbone_layers,
+    # for fine-tuning from model.init); None trains every layer.
+    trainable_backbone_layers: int | None = None
 
 
 @dataclass

@@ -189,6 +189,10 @@ def build_model(cfg: Any, num_classes: int, seed: int = 0, qat_cfg: Any = None) 
         if qat_cfg is not None and qat_cfg.enabled:
             raise ValueError(f"quantization-aware training needs a classifier, not {cfg.name}")
         kwargs = {"aux_loss": True} if cfg.aux_loss else {}
+        if cfg.trainable_backbone_layers is not None:
+            if task_kind(cfg.name) != "detection":
+                raise ValueError(f"model.trainable_backbone_layers is for detection models, not {cfg.name}")
+            kwargs["trainable_backbone_layers"] = cfg.trainable_backbone_layers
         model = get_model(
             cfg.name, num_classes=num_classes, seed=seed, dtype=dtype, param_dtype=param_dtype, **kwargs
         )
@@ -374,11 +378,15 @@ def make_steps(
     seed: int = 0,
     fsdp_min_size: int = 2**14,
     qat_schedule: QATSchedule | None = None,
+    trainable: Any = None,
 ) -> Steps:
     """Split ``model`` and build the jitted, sharded train and eval steps of ``task`` (default:
     classification with ``label_smoothing``); ``train_step(state, images, targets)``,
     ``eval_step(params, batch_stats, images, targets, weights)``. ``qat_schedule``: a QAT model's
-    observer / BatchNorm switches, set from the step inside the train step."""
+    observer / BatchNorm switches, set from the step inside the train step. ``trainable``: an nnx
+    filter of the parameters to train (a detector's ``trainable_filter()``); the others get no update,
+    no weight decay and no optimizer state, as torchvision leaves ``requires_grad=False`` parameters
+    out of its optimizer."""
     if task is None:
         task = Classification(label_smoothing)
     model.train()
@@ -389,6 +397,13 @@ def make_steps(
     params = nnx.to_pure_dict(params)
     batch_stats = nnx.to_pure_dict(batch_stats)
     make_rngs = _rng_builder(nnx.to_pure_dict(rng_state))
+    if trainable is not None:
+        kept = {
+            p
+            for p, _ in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, trainable)))[0]
+        }
+        labels = jax.tree_util.tree_map_with_path(lambda p, _: "train" if p in kept else "frozen", params)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     repl = sharding.replicated(mesh)
     batch_sh = sharding.batch_sharding(mesh)
 
@@ -674,6 +689,7 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
         seed=cfg_train.seed,
         fsdp_min_size=config.mesh.fsdp_min_size,
         qat_schedule=qat_schedule,
+        trainable=model.trainable_filter() if config.model.trainable_backbone_layers is not None else None,
     )
     state = steps.init_state()
 
