@@ -1,6 +1,6 @@
 """One training run in three device layouts, for the task tests' agreement checks: 1 device, 8
-simulated devices in one process, and 2 processes x 4 devices (gloo collectives), each in subprocesses
-of ``python -m train.cli``; data 4 x fsdp 2 for the multi-device layouts."""
+simulated devices in one process, and 2 processes x 4 (or 2) devices (gloo collectives), each in
+subprocesses of ``python -m train.cli``; fsdp 2 and the rest data-parallel in the multi-device layouts."""
 
 from __future__ import annotations
 
@@ -28,10 +28,11 @@ LAYOUTS = ("one", "eight", "two_processes")
 
 
 def train_in_layouts(
-    args: list[str], tmp_path: Path, steps: int, names: tuple[str, ...] = LAYOUTS
+    args: list[str], tmp_path: Path, steps: int, names: tuple[str, ...] = LAYOUTS, process_devices: int = 4
 ) -> dict[str, tuple[dict, dict]]:
     """{layout name: (the final train state on the host, its eval metrics)} of ``mbv3-train *args``
-    run for ``steps`` steps in each of the layouts ``names``."""
+    run for ``steps`` steps in each of the layouts ``names`` ("two_processes": ``process_devices``
+    devices each)."""
     base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     base_env["PYTHONPATH"] = str(REPO)
     port = _free_port()
@@ -39,7 +40,7 @@ def train_in_layouts(
         "one": (1, [["--mesh.fsdp", "1"]]),
         "eight": (8, [["--mesh.fsdp", "2"]]),
         "two_processes": (
-            4,
+            process_devices,
             [
                 [
                     *("--mesh.fsdp", "2", "--distributed.coordinator_address", f"127.0.0.1:{port}"),

@@ -186,31 +186,34 @@ def test_detection_needs_an_objects_dataset(data_dir):
 
 
 def test_one_device_and_two_processes_agree(tmp_path, data_dir):
-    """Two float64 steps and an eval of SSDlite on 1 device and on 2 processes x 4 devices (data 4 x
+    """Two float64 steps and an eval of SSDlite on 1 device and on 2 processes x 2 devices (data 2 x
     fsdp 2; batch-sharded detection targets, detections gathered from both processes): parameters,
     BatchNorm statistics and optimizer state agree to 1e-10 of each tensor's largest value, floored
-    at 1 (measured 1.5e-11). The floor: BatchNorm biases before another BatchNorm have an exactly zero
-    true gradient, so their RMSProp trace holds only rounding noise divided by eps (~1e-13 here, which
-    the segmentation test's floor of 1e-3 would count as 1.1e-10). The 8 devices of one process are the
-    segmentation and classification tests' (the same trainer core).
+    at 1 (measured 5.0e-12; 1.5e-11 with 2 x 4 devices). The floor: BatchNorm biases before another
+    BatchNorm have an exactly zero true gradient, so their RMSProp trace holds only rounding noise
+    divided by eps (~1e-13 here, which the segmentation test's floor of 1e-3 would count as 1e-10).
+    2 x 2 devices, not 2 x 4, and 4 eval images keep the two float64 SSDlite processes within the CI
+    machine's memory beside the other test worker; the 8 devices of one process are the segmentation
+    and classification tests' (the same trainer core).
 
     The detections agree as far as a random detector's can: its boxes overlap densely, so rounding
-    at 1e-11 flips a few NMS decisions near the IoU threshold (measured: 1 of 2,362 detections of 8
-    images here, 2 of 7,137 on 24), and the mAP moves with each (measured 3.3e-4 relative). Asserted:
-    detection counts within 0.1%, mAP within 1% (half the detections lost would move it by tens of %)."""
+    at 1e-11 flips a few NMS decisions near the IoU threshold (measured with 2 x 4 devices: 1 of
+    2,362 detections of 8 images, 2 of 7,137 on 24), and the mAP moves with each (measured 3.3e-4
+    relative; 1.3e-3 on these 4 images, the same 1,200 detections in number). Asserted: detection
+    counts within 0.5%, mAP within 1% (half the detections lost would move it by tens of %)."""
     common = [
-        *("--data.data_dir", data_dir, "--train.max_steps", "2", "--train.global_batch", "8"),
-        *("--train.eval_batch", "8", "--data.eval_split", "test[:8]", "--mesh.fsdp_min_size", "1024"),
+        *("--data.data_dir", data_dir, "--train.max_steps", "2", "--train.global_batch", "4"),
+        *("--train.eval_batch", "4", "--data.eval_split", "test[:4]", "--mesh.fsdp_min_size", "1024"),
         *("--train.eval_at_start", "false", "--model.dtype", "float64", "--model.param_dtype", "float64"),
     ]
-    runs = train_in_layouts([*ARGS, *common], tmp_path, steps=2, names=("one", "two_processes"))
+    runs = train_in_layouts([*ARGS, *common], tmp_path, 2, ("one", "two_processes"), process_devices=2)
     (one, m1), (other, m2) = runs["one"], runs["two_processes"]
     worst = worst_relative_difference(one, other, floor=1.0)
     counts = [len(json.loads((tmp_path / name / "detections.json").read_text())) for name in runs]
     print(f"\n1 device vs 2 processes: max relative difference {worst:.2e}; mAP {m1['map']} vs {m2['map']}")
     print(f"detections {counts}")
     assert worst <= 1e-10
-    assert abs(counts[0] - counts[1]) <= 1e-3 * counts[0]
+    assert abs(counts[0] - counts[1]) <= 5e-3 * counts[0]
     for key in ("map", "map50", "map75"):
         assert m1[key] == pytest.approx(m2[key], rel=1e-2), key
 

@@ -112,6 +112,35 @@ def test_one_step_matches_torchvision():
     assert worst_update <= TOL
 
 
+def _sgd_step_pair(model, tv, optim: OptimConfig, task, torch_loss, images, targets, batch: int) -> tuple:
+    """One torch SGD step of float64 ``tv`` (``torch_loss(tv)`` -> (total, parts)) and one trainer
+    step of ``model`` (loaded from ``tv`` first) on ``images`` / ``targets``; asserts the losses and
+    every tensor within FLOAT64_TOL and returns (trainer outputs, torch's parts, worst parameter /
+    BatchNorm error, worst update error)."""
+    rules = rules_for(model.architecture["builder"])
+    load_into(model, convert_to_jax(tv.state_dict(), model, rules))
+    before = {p: np.asarray(v) for p, v in convert_to_jax(tv.state_dict(), model, rules).items()}
+    schedule = trainer.learning_rate(optim, batch, steps_per_epoch=10, total_steps=10)
+    tv.train()
+    opt = torch.optim.SGD(
+        tv.parameters(), lr=float(schedule(0)), momentum=optim.momentum, weight_decay=optim.weight_decay
+    )
+    loss_t, parts = torch_loss(tv)
+    opt.zero_grad()
+    loss_t.backward()
+    opt.step()
+    after_t = convert_to_jax(tv.state_dict(), model, rules)
+
+    mesh = sharding.make_mesh()
+    steps = trainer.make_steps(model, trainer.make_optimizer(optim, schedule), schedule, mesh, task=task)
+    state, out = steps.train_step(steps.init_state(), *sharding.global_batch(mesh, images, targets))
+    new = sharding.to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
+    assert abs(float(out["loss"]) - loss_t.item()) <= FLOAT64_TOL * abs(loss_t.item())
+    worst_param, worst_update = _compare_step(after_t, before, new, FLOAT64_TOL)
+    assert worst_update <= FLOAT64_TOL
+    return out, parts, loss_t.item(), worst_param, worst_update
+
+
 def test_lraspp_one_step_matches_torchvision():
     """One SGD step of the trainer's segmentation task equals torchvision's LR-ASPP + torch's SGD
     (momentum 0.9, weight decay 1e-4 on every parameter, the shapes demo's recipe; cross-entropy
@@ -136,38 +165,21 @@ def test_lraspp_one_step_matches_torchvision():
         torch.manual_seed(0)
         tv = build_torchvision_model(model.architecture)
         calibrated_random_weights_(tv, x_t, seed=1)
-        tv = tv.double()
-        rules = rules_for(model.architecture["builder"])
-        load_into(model, convert_to_jax(tv.state_dict(), model, rules))
-        before = {p: np.asarray(v) for p, v in convert_to_jax(tv.state_dict(), model, rules).items()}
-
         optim = OptimConfig(optimizer="sgd", lr=0.02, reference_batch=16, momentum=0.9, weight_decay=1e-4)
         optim.schedule = "poly"
-        schedule = trainer.learning_rate(optim, len(samples), steps_per_epoch=10, total_steps=10)
-        lr = float(schedule(0))
-        tv.train()
-        opt = torch.optim.SGD(tv.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-        out_t = tv(x_t.double())["out"]
-        loss_t = torch.nn.functional.cross_entropy(out_t, torch.from_numpy(masks).long(), ignore_index=255)
-        opt.zero_grad()
-        loss_t.backward()
-        opt.step()
-        after_t = convert_to_jax(tv.state_dict(), model, rules)
+        masks_t = torch.from_numpy(masks).long()
 
-        mesh = sharding.make_mesh()
-        task = Segmentation(4)
-        steps = trainer.make_steps(model, trainer.make_optimizer(optim, schedule), schedule, mesh, task=task)
-        state = steps.init_state()
-        state, out = steps.train_step(state, *sharding.global_batch(mesh, images.astype(np.float64), masks))
-        new = sharding.to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
+        def torch_loss(tv):
+            out = tv(x_t.double())["out"]
+            return torch.nn.functional.cross_entropy(out, masks_t, ignore_index=255), None
 
-    assert abs(float(out["loss"]) - loss_t.item()) <= FLOAT64_TOL * abs(loss_t.item())
-    worst_param, worst_update = _compare_step(after_t, before, new, FLOAT64_TOL)
+        _, _, _, worst_param, worst_update = _sgd_step_pair(
+            model, tv.double(), optim, Segmentation(4), torch_loss, images.astype(np.float64), masks, 2
+        )
     print(
         f"LR-ASPP one SGD step vs torch (float64): params/BN stats {worst_param:.2e}, "
         f"updates {worst_update:.2e}"
     )
-    assert worst_update <= FLOAT64_TOL
 
 
 def test_ssdlite_one_step_matches_torchvision():
@@ -203,41 +215,22 @@ def test_ssdlite_one_step_matches_torchvision():
         torch.manual_seed(0)
         tv = build_torchvision_model(model.architecture)
         calibrated_ssd_(tv, list(x_t.float()), seed=1)
-        tv = tv.double()
-        rules = rules_for(model.architecture["builder"])
-        load_into(model, convert_to_jax(tv.state_dict(), model, rules))
-        before = {p: np.asarray(v) for p, v in convert_to_jax(tv.state_dict(), model, rules).items()}
-
         optim = OptimConfig(optimizer="sgd", lr=0.15, reference_batch=192, momentum=0.9, weight_decay=4e-5)
         optim.schedule = "constant"
-        schedule = trainer.learning_rate(optim, len(samples), steps_per_epoch=10, total_steps=10)
-        lr = float(schedule(0))
-        tv.train()
-        opt = torch.optim.SGD(tv.parameters(), lr=lr, momentum=0.9, weight_decay=4e-5)
-        losses_t = tv(list(x_t), targets_t)
-        loss_t = sum(losses_t.values())
-        opt.zero_grad()
-        loss_t.backward()
-        opt.step()
-        after_t = convert_to_jax(tv.state_dict(), model, rules)
 
-        mesh = sharding.make_mesh()
-        steps = trainer.make_steps(
-            model, trainer.make_optimizer(optim, schedule), schedule, mesh, task=Detection(4)
-        )
-        state = steps.init_state()
+        def torch_loss(tv):
+            losses = tv(list(x_t), targets_t)
+            return sum(losses.values()), losses
+
         normalized = (x01 - 0.5) / 0.5  # torchvision's normalize, the same float64 operations
-        state, out = steps.train_step(state, *sharding.global_batch(mesh, normalized, targets))
-        new = sharding.to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
-
-    assert abs(float(out["loss"]) - loss_t.item()) <= FLOAT64_TOL * abs(loss_t.item())
-    assert abs(float(out["metric"]) - losses_t["bbox_regression"].item()) <= FLOAT64_TOL * loss_t.item()
-    worst_param, worst_update = _compare_step(after_t, before, new, FLOAT64_TOL)
+        out, losses_t, loss_t, worst_param, worst_update = _sgd_step_pair(
+            model, tv.double(), optim, Detection(4), torch_loss, normalized, targets, 2
+        )
+    assert abs(float(out["metric"]) - losses_t["bbox_regression"].item()) <= FLOAT64_TOL * loss_t
     print(
         f"SSDlite one SGD step vs torch (float64): params/BN stats {worst_param:.2e}, "
         f"updates {worst_update:.2e}"
     )
-    assert worst_update <= FLOAT64_TOL
 
 
 def test_fasterrcnn_320_one_step_matches_torchvision():
@@ -285,9 +278,6 @@ def test_fasterrcnn_320_one_step_matches_torchvision():
             return [label.double() for label in labels], matched_boxes
 
         tv.rpn.assign_targets_to_anchors = float64_labels
-        rules = rules_for(model.architecture["builder"])
-        load_into(model, convert_to_jax(tv.state_dict(), model, rules))
-        before = {p: np.asarray(v) for p, v in convert_to_jax(tv.state_dict(), model, rules).items()}
         with torch.no_grad():
             image_list, resized = tv.transform(images_t, [dict(t) for t in targets_t])
         batch = image_list.tensors.permute(0, 2, 3, 1).numpy()
@@ -299,29 +289,17 @@ def test_fasterrcnn_320_one_step_matches_torchvision():
 
         optim = OptimConfig(optimizer="sgd", lr=0.02, reference_batch=16, momentum=0.9, weight_decay=1e-4)
         optim.schedule = "constant"
-        schedule = trainer.learning_rate(optim, len(samples), steps_per_epoch=10, total_steps=10)
-        lr = float(schedule(0))
-        tv.train()
-        opt = torch.optim.SGD(tv.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-        losses_t = tv(images_t, targets_t)
-        loss_t = sum(losses_t.values())
-        opt.zero_grad()
-        loss_t.backward()
-        opt.step()
-        after_t = convert_to_jax(tv.state_dict(), model, rules)
 
-        mesh = sharding.make_mesh()
+        def torch_loss(tv):
+            losses = tv(images_t, targets_t)
+            return sum(losses.values()), losses
+
         task = Detection(4, 320, keep_ratio=True)
-        steps = trainer.make_steps(model, trainer.make_optimizer(optim, schedule), schedule, mesh, task=task)
-        state = steps.init_state()
-        state, out = steps.train_step(state, *sharding.global_batch(mesh, batch, targets))
-        new = sharding.to_host({"params": state["params"], "batch_stats": state["batch_stats"]})
-
-    assert abs(float(out["loss"]) - loss_t.item()) <= FLOAT64_TOL * abs(loss_t.item())
-    assert abs(float(out["metric"]) - losses_t["loss_box_reg"].item()) <= FLOAT64_TOL * loss_t.item()
-    worst_param, worst_update = _compare_step(after_t, before, new, FLOAT64_TOL)
+        out, losses_t, loss_t, worst_param, worst_update = _sgd_step_pair(
+            model, tv, optim, task, torch_loss, batch, targets, 2
+        )
+    assert abs(float(out["metric"]) - losses_t["loss_box_reg"].item()) <= FLOAT64_TOL * loss_t
     print(
         f"Faster R-CNN 320 one SGD step vs torch (float64): params/BN stats {worst_param:.2e}, "
         f"updates {worst_update:.2e}"
     )
-    assert worst_update <= FLOAT64_TOL

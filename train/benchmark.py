@@ -3,9 +3,9 @@
 ``python -m train.benchmark --model mobilenet_v3_large --batch 32 --size 224 --steps 10``; any
 ``mbv3-train`` model: ``--model lraspp_mobilenet_v3_large`` (segmentation: torchvision's reference
 criterion, cross-entropy ignoring 255 plus 0.5 x the aux head's), ``--model
-ssdlite320_mobilenet_v3_large`` (detection: the model's train-mode losses, summed, on 4 boxes per
-image; 320 px; torch's side also runs the model's own normalize and 320 -> 320 resize, which the
-trainer does on the host).
+ssdlite320_mobilenet_v3_large`` or a Faster R-CNN (detection: the model's train-mode losses, summed,
+on 4 boxes per image, at the size the model's own resize leaves as it is: 320 px, 800 px for the FPN
+one; torch's side also runs that normalize and identity resize, which the trainer does on the host).
 
 Every side runs one full optimizer step per iteration (forward, the task's loss, backward, PyTorch-mode
 RMSProp with weight decay) on random images, in one process, taking turns round by round (JAX, torch
@@ -65,7 +65,7 @@ def jax_step_runner(name: str, batch: int, size: int, num_classes: int | None = 
     task = {
         "classification": tasks.Classification(),
         "segmentation": tasks.Segmentation(num_classes),
-        "detection": tasks.Detection(num_classes),
+        "detection": tasks.Detection(num_classes, size, None, trainer.keep_ratio(model)),
     }[kind]
     optim = OptimConfig()
     schedule = trainer.learning_rate(optim, batch, steps_per_epoch=1000, total_steps=10_000)
@@ -180,12 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     from train.trainer import task_kind
 
     kind = task_kind(args.model)
+    fixed = {"ssdlite320_mobilenet_v3_large": 320, "fasterrcnn_mobilenet_v3_large_320_fpn": 320}
+    fixed["fasterrcnn_mobilenet_v3_large_fpn"] = 800
     if args.size is None:
-        args.size = {"classification": 224, "segmentation": 480, "detection": 320}[kind]
-    elif kind == "detection" and args.size != 320:
-        parser.error("SSDlite320's input is 320 px: leave --size")
-    if args.model.startswith("fasterrcnn"):
-        parser.error("Faster R-CNN is not benchmarked yet (its images keep their aspect ratio)")
+        args.size = fixed.get(args.model) or {"classification": 224, "segmentation": 480}[kind]
+    elif args.model in fixed and args.size != fixed[args.model]:
+        parser.error(
+            f"{args.model} is benchmarked at {fixed[args.model]} px (its own resize leaves it as is)"
+        )
     compile_s, jax_run = jax_step_runner(args.model, args.batch, args.size)
     runs = {"jax": jax_run}
     for side in sides:
