@@ -1,6 +1,9 @@
 """Shared fixtures: real photos, torchvision-preprocessed inputs, parity precision settings."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -9,6 +12,13 @@ from extras import HAVE_TORCH, require_torch
 
 # Parity is measured at full fp32 precision on every backend (GPU/TPU default to TF32/bf16 passes).
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Tests compile the same programs more than once (a run and its resumption, a model built again): a
+# persistent compilation cache for this test process turns each repeat into a load.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _COMPILATION_CACHE = tempfile.mkdtemp(prefix="mbv3-jax-test-compilations-")
+    atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE)
 
 
 def _configure_torch() -> None:
@@ -24,9 +34,21 @@ def _configure_torch() -> None:
 _configure_torch()
 
 
-# The longest files first: scripts/test.sh runs two workers that take whole files, and a long file
-# handed out last would run alone at the end.
-_LONGEST_FIRST = ("test_train_digits.py", "test_detection_parity.py", "test_segmentation_parity.py")
+# The longest files first (scripts/test.sh runs two workers that take whole files in this order,
+# ``--no-loadscope-reorder``): a long file handed out last would run alone at the end. The two files
+# that train in subprocesses come first and third, so that they do not run side by side.
+_LONGEST_FIRST = (
+    "test_train_detection.py",
+    "test_segmentation_parity.py",
+    "test_train_segmentation.py",
+    "test_classifier_parity.py",
+    "test_train_digits.py",
+    "test_detection_parity.py",
+    "test_train_parity.py",
+    "test_quantized_parity.py",
+    "test_export.py",
+    "test_qat_parity.py",
+)
 
 
 def pytest_collection_modifyitems(items: list) -> None:

@@ -186,10 +186,11 @@ def test_detection_needs_an_objects_dataset(data_dir):
 
 
 def test_one_device_and_two_processes_agree(tmp_path, data_dir):
-    """Two float64 steps and an eval of SSDlite on 1 device and on 2 processes x 2 devices (data 2 x
-    fsdp 2; batch-sharded detection targets, detections gathered from both processes): parameters,
-    BatchNorm statistics and optimizer state agree to 1e-10 of each tensor's largest value, floored
-    at 1 (measured 5.0e-12; 1.5e-11 with 2 x 4 devices). The floor: BatchNorm biases before another
+    """Two float64 steps and an eval of SSDlite on 1 device and on 2 processes x 2 devices (data 4:
+    batch-sharded detection targets, detections gathered from both processes; see layouts.py for
+    fsdp): parameters, BatchNorm statistics and optimizer state agree to 1e-10 of each tensor's
+    largest value, floored at 1 (measured 4.5e-12; with fsdp 2, 5.0e-12, and 1.5e-11 on 2 x 4
+    devices). The floor: BatchNorm biases before another
     BatchNorm have an exactly zero true gradient, so their RMSProp trace holds only rounding noise
     divided by eps (~1e-13 here, which the segmentation test's floor of 1e-3 would count as 1e-10).
     2 x 2 devices, not 2 x 4, and 4 eval images keep the two float64 SSDlite processes within the CI
@@ -199,8 +200,9 @@ def test_one_device_and_two_processes_agree(tmp_path, data_dir):
     The detections agree as far as a random detector's can: its boxes overlap densely, so rounding
     at 1e-11 flips a few NMS decisions near the IoU threshold (measured with 2 x 4 devices: 1 of
     2,362 detections of 8 images, 2 of 7,137 on 24), and the mAP moves with each (measured 3.3e-4
-    relative; 1.3e-3 on these 4 images, the same 1,200 detections in number). Asserted: detection
-    counts within 0.5%, mAP within 1% (half the detections lost would move it by tens of %)."""
+    relative; 1.3e-3 on these 4 images, the same 1,200 detections in number, with fsdp 1 or 2).
+    Asserted: detection counts within 0.5%, mAP within 1% (half the detections lost would move it by
+    tens of %)."""
     common = [
         *("--data.data_dir", data_dir, "--train.max_steps", "2", "--train.global_batch", "4"),
         *("--train.eval_batch", "4", "--data.eval_split", "test[:4]", "--mesh.fsdp_min_size", "1024"),
