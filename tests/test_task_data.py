@@ -96,6 +96,7 @@ def test_shapes_coco_folder_round_trips(shapes, tmp_path):
         "degenerate_boxes": 0,
         "invalid_polygons": 0,
         "images_without_annotations": 0,
+        "annotations_of_other_categories": 0,
     }
     for i, s in enumerate(samples):
         np.testing.assert_array_equal(data.images[i].boxes, s["boxes"])
@@ -190,6 +191,35 @@ def test_images_without_annotations_skipped_with_the_flag(tmp_path, caplog):
         data = load_coco_folder(folder, remove_images_without_annotations=True)
     assert [img.id for img in data.images] == [1]
     assert data.skipped["images_without_annotations"] == 2 and "2 images without annotations" in caplog.text
+
+
+def test_categories_kept_relabelled_and_the_segmentation_area_filter(tmp_path, caplog):
+    # torchvision's segmentation reference on COCO: only some categories, labelled in the order given,
+    # and training images with more than 1000 pixels of those annotations.
+    cats = [{"id": c, "name": n} for c, n in ((1, "person"), (3, "car"), (5, "airplane"), (9, "boat"))]
+    images = [{"id": i, "file_name": f"{i}.png", "height": 60, "width": 80} for i in (1, 2, 3)]
+    anns = [
+        _ann(1, 1, 5, [0, 0, 40, 30], area=1001.0),  # image 1: 1001 px of airplane
+        _ann(2, 1, 9, [0, 0, 8, 6], area=20.0),  # a category left out
+        _ann(3, 2, 1, [0, 0, 20, 20], area=400.0),  # image 2: 400 + 600 = 1000, not more
+        _ann(4, 2, 3, [0, 0, 30, 20], area=600, iscrowd=1),  # crowd regions count, as torchvision's
+        _ann(5, 3, 9, [0, 0, 80, 60], area=4800.0),  # image 3: only a category left out
+    ]
+    folder = _folder(tmp_path, anns, images=images, categories=cats)
+    data = load_coco_folder(folder, categories=[5, 1, 3])
+    assert data.class_names == ("background", "airplane", "person", "car")
+    assert data.category_ids == (5, 1, 3) and data.category_of(1) == 5 and data.label_of(3) == 3
+    np.testing.assert_array_equal(data.images[0].labels, [1])
+    np.testing.assert_array_equal(data.images[1].crowd_labels, [3])
+    assert data.images[2].labels.shape == (0,) and data.skipped["annotations_of_other_categories"] == 2
+    with caplog.at_level(logging.INFO, logger="train.coco_data"):
+        train = load_coco_folder(
+            folder, categories=[5, 1, 3], remove_images_without_annotations=True, min_annotated_area=1000
+        )
+    assert [img.id for img in train.images] == [1] and train.skipped["images_without_annotations"] == 2
+    assert "2 annotations of other categories" in caplog.text
+    with pytest.raises(DataError, match=r"categories \[5, 7\] must be distinct ids .* not there: \[7\]"):
+        load_coco_folder(folder, categories=[5, 7])
 
 
 def test_malformed_json_is_refused_with_its_position(tmp_path):

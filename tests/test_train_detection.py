@@ -269,3 +269,10 @@ def test_coco_folder_split_keeps_the_files_ids(tmp_path):
     seg = data.open_split("unused", "val", kind="segmentation", coco_folder=str(root))
     mask = seg.source[0]["mask"]
     assert mask.shape == (128, 128, 1) and set(np.unique(mask)) <= {0, 1, 2, 3}
+    # Some categories only, in the order given (--data.coco_categories).
+    kw = dict(kind="segmentation", coco_folder=str(root), coco_categories=(30, 10))
+    two = data.open_split("unused", "val", **kw)
+    assert two.num_classes == 3 and two.category_ids == (30, 10)
+    assert set(np.unique(two.source[0]["mask"])) <= {0, 1, 2}
+    with pytest.raises(data.DataError, match="coco_categories selects categories of a --data.coco_folder"):
+        data.open_split("mbv3_shapes", "test", kind="segmentation", coco_categories=(30, 10))

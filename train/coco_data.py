@@ -14,7 +14,8 @@ What is dropped (counted in ``CocoSet.skipped`` and logged) and what is refused 
 naming the file, image, annotation id or shape), following torchvision's ``ConvertCocoPolysToMask``
 and ``_coco_remove_images_without_annotations``:
 
-* dropped: crowd annotations (``iscrowd=1``) from the boxes, as torchvision does (kept apart in
+* dropped: annotations of categories left out (``categories``); crowd annotations (``iscrowd=1``)
+  from the boxes, as torchvision does (kept apart in
   ``crowd_boxes`` for evaluation, and in the semantic mask as torchvision's segmentation reference
   keeps them); boxes with x2 <= x1 or y2 <= y1 after (x, y, w, h) -> (x1, y1, x2, y2) and clamping to
   the image (boxes partly outside the image are clamped to it, as torchvision does; wholly outside
@@ -241,6 +242,8 @@ def load_coco_folder(
     annotation_file: str | os.PathLike = ANNOTATIONS_FILE,
     labels: Literal["contiguous", "category_id"] = "contiguous",
     remove_images_without_annotations: bool = False,
+    categories: Sequence[int] | None = None,
+    min_annotated_area: float | None = None,
 ) -> CocoSet:
     """Read and check a COCO instances folder: ``root/annotation_file`` and its images.
 
@@ -251,9 +254,16 @@ def load_coco_folder(
     models). ``remove_images_without_annotations``: skip (count and log) images with no usable
     annotation, as torchvision's references do for training. See the module docstring for what is
     dropped and what is refused.
+    ``categories``: keep only the annotations of these category ids (the others are dropped and
+    counted), labelled 1..K in the order given, as torchvision's segmentation reference keeps COCO's
+    20 VOC categories (``FilterAndRemapCocoCategories``). ``min_annotated_area``: with
+    ``remove_images_without_annotations``, keep instead the images whose kept annotations (crowd
+    ones included) cover more than this ``area`` in total (the box's where an annotation has none),
+    the segmentation reference's training filter (1000).
     """
     if labels not in ("contiguous", "category_id"):
         raise ValueError(f"labels must be 'contiguous' or 'category_id', not {labels!r}")
+    selected = None if categories is None else [int(c) for c in categories]
     root = Path(root).expanduser()
     path = root / annotation_file
     coco = _read_json(path)
@@ -271,7 +281,20 @@ def load_coco_folder(
         if cid in categories:
             raise DataError(f"{path}: category id {cid} appears twice")
         categories[cid] = str(cat.get("name", cid))
-    category_ids = tuple(sorted(categories))
+    if selected is not None:
+        if labels != "contiguous":
+            raise ValueError("categories= labels the kept categories 1..K: it needs labels='contiguous'")
+        unknown = [c for c in selected if c not in categories]
+        if unknown or len(set(selected)) != len(selected):
+            problem = f"not there: {unknown}" if unknown else "some repeat"
+            raise DataError(
+                f"{path}: categories {list(selected)} must be distinct ids of the file's categories; "
+                f"{problem} (ids {sorted(categories)[:20]})"
+            )
+    file_categories = dict(categories)
+    if selected is not None:
+        categories = {c: file_categories[c] for c in selected}
+    category_ids = tuple(categories) if selected is not None else tuple(sorted(categories))
     if labels == "category_id":
         if category_ids and category_ids[0] < 1:
             raise DataError(f"{path}: category id {category_ids[0]} collides with background (label 0)")
@@ -299,6 +322,7 @@ def load_coco_folder(
 
     per_image: dict[int, list[dict]] = {iid: [] for iid in images}
     seen_ann: set[int] = set()
+    other_categories = 0
     for i, ann in enumerate(raw_anns):
         aid = _field(ann, "id", int, f"annotation {i}", path)
         what = f"annotation {aid}"
@@ -309,22 +333,30 @@ def load_coco_folder(
         cid = _field(ann, "category_id", int, what, path)
         if iid not in images:
             raise DataError(f"{path}: {what} is of image id {iid}, which the file's images do not list")
-        if cid not in categories:
+        if cid not in file_categories:
+            ids = sorted(file_categories)
             raise DataError(
                 f"{path}: {what} (image {images[iid]['file_name']}) has category_id {cid}, which is "
-                f"not in categories (ids {list(category_ids)[:20]}{' ...' if len(category_ids) > 20 else ''})"
+                f"not in categories (ids {ids[:20]}{' ...' if len(ids) > 20 else ''})"
             )
         bbox = _field(ann, "bbox", list, what, path)
         if len(bbox) != 4 or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox
         ):
             raise DataError(f"{path}: {what} has bbox {_short(bbox)}, expected 4 finite numbers [x, y, w, h]")
+        if cid not in categories:
+            other_categories += 1
+            continue
         per_image[iid].append(ann)
 
     skipped = {"crowd": 0, "degenerate_boxes": 0, "invalid_polygons": 0, "images_without_annotations": 0}
+    skipped["annotations_of_other_categories"] = other_categories
     ordered = sorted(images)
     if remove_images_without_annotations:
-        kept_ids = [iid for iid in ordered if _has_valid_annotation(per_image[iid])]
+        if min_annotated_area is None:
+            kept_ids = [iid for iid in ordered if _has_valid_annotation(per_image[iid])]
+        else:
+            kept_ids = [iid for iid in ordered if _annotated_area(per_image[iid]) > min_annotated_area]
         skipped["images_without_annotations"] = len(ordered) - len(kept_ids)
         ordered = kept_ids
 
@@ -346,6 +378,17 @@ def load_coco_folder(
         counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items())
         log.info("%s: left out of the boxes / images: %s (crowd boxes are kept apart)", path, counts)
     return CocoSet(root, image_root, out, category_ids, class_names, labels, skipped)
+
+
+def _annotated_area(anns: list[dict]) -> float:
+    """The annotations' ``area`` summed (a box's w x h where the file gives none), as torchvision's
+    segmentation reference measures an image for its training filter."""
+    total = 0.0
+    for a in anns:
+        area = a.get("area")
+        ok = isinstance(area, (int, float)) and not isinstance(area, bool) and math.isfinite(area)
+        total += float(area) if ok else float(a["bbox"][2] * a["bbox"][3])
+    return total
 
 
 def _has_valid_annotation(anns: list[dict]) -> bool:

@@ -81,6 +81,7 @@ class DataConfig:
     # Detection / segmentation from COCO-format folders: <coco_folder>/<split>/annotations.json + images,
     # or COCO's layout, <coco_folder>/annotations/instances_<split>.json + <coco_folder>/<split>/.
     coco_folder: str | None = None
+    coco_categories: tuple[int, ...] = ()  # only these COCO category ids, labelled 1..K in this order
     train_split: str = "train"
     eval_split: str = "validation"
     image_key: str = "image"

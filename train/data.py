@@ -26,7 +26,7 @@ import hashlib
 import io
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -323,6 +323,7 @@ def open_split(
     eval_fallback: bool = False,
     kind: str = "classification",
     coco_folder: str | None = None,
+    coco_categories: Sequence[int] = (),
 ) -> Split:
     """Open ``split`` of a TFDS dataset (prepared on first use if it needs no manual download).
 
@@ -336,7 +337,9 @@ def open_split(
     background, so labels shift by one unless the data's first class is named "background".
     ``coco_folder``: detection or segmentation data from a COCO-format folder instead of TFDS
     (:func:`train.coco_data.split_folder` says where each split is; categories become labels 1..K;
-    the ``train`` split drops images without annotations, as torchvision's references do).
+    the ``train`` split drops images without annotations, as torchvision's references do; for
+    segmentation, images with at most 1000 pixels of annotation, as its segmentation reference);
+    ``coco_categories``: only these category ids, labelled 1..K in this order.
     """
     tfds = _tfds()
 
@@ -350,7 +353,9 @@ def open_split(
         return f"{name}[{index * per}:{(index + 1) * per}]"
 
     if coco_folder:
-        return _coco_folder_split(coco_folder, split, kind, process_shard)
+        return _coco_folder_split(coco_folder, split, kind, process_shard, coco_categories)
+    if coco_categories:
+        raise DataError("--data.coco_categories selects categories of a --data.coco_folder: give the folder")
     if image_folder and kind != "classification":
         raise DataError(f"--data.image_folder holds classification data; {kind} reads a TFDS dataset")
     if image_folder:
@@ -405,7 +410,13 @@ def open_split(
     return Split(source, num_classes, names, image_key, label_key, split, kind, label_offset, None, image_hw)
 
 
-def _coco_folder_split(root: str, split: str, kind: str, process_shard: tuple[int, int] | None) -> Split:
+# torchvision's segmentation reference trains on the COCO images with more than this annotated area.
+SEGMENTATION_MIN_ANNOTATED_AREA = 1000
+
+
+def _coco_folder_split(
+    root: str, split: str, kind: str, process_shard: tuple[int, int] | None, categories: Sequence[int] = ()
+) -> Split:
     from train.coco_data import CocoSource, load_coco_folder, split_folder
 
     if kind == "classification":
@@ -416,6 +427,8 @@ def _coco_folder_split(root: str, split: str, kind: str, process_shard: tuple[in
         image_dir,
         annotation_file=annotation_file,
         remove_images_without_annotations=split.startswith("train"),
+        categories=list(categories) or None,
+        min_annotated_area=SEGMENTATION_MIN_ANNOTATED_AREA if kind == "segmentation" else None,
     )
     start, stop = 0, len(coco)
     if process_shard is not None:

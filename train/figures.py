@@ -107,6 +107,7 @@ def detection_predictions(
         label_key=label_key,
         kind="detection",
         coco_folder=d.coco_folder,
+        coco_categories=d.coco_categories,
     )
     examples = [split.source[i] for i in range(min(num_images, len(split)))]
     images = [np.asarray(ex[split.image_key]) for ex in examples]
@@ -173,6 +174,7 @@ def segmentation_predictions(
         label_key=d.label_key,
         kind="segmentation",
         coco_folder=d.coco_folder,
+        coco_categories=d.coco_categories,
     )
     transform = augment.SegmentationEvalTransform(d.eval_resize, d.eval_crop, tuple(d.mean), tuple(d.std))
     examples = [split.source[i] for i in range(min(num_images, len(split)))]
