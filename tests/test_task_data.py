@@ -112,7 +112,8 @@ def test_shapes_coco_folder_round_trips(shapes, tmp_path):
 
 @needs_skimage
 def test_shapes_tfds_builder(tmp_path):
-    from train.shapes_data import SHAPES_SPLITS, make_shapes, shapes_builder, tfds_to_xyxy
+    from train.data import tfds_to_xyxy
+    from train.shapes_data import SHAPES_SPLITS, make_shapes, shapes_builder
 
     builder = shapes_builder(tmp_path)
     assert {s: builder.info.splits[s].num_examples for s in SHAPES_SPLITS} == SHAPES_SPLITS

@@ -544,12 +544,16 @@ def _transformed(split: Split, transform: Callable, ex: dict[str, Any], *rng: An
     return transform(image, *rng), ex[split.label_key]
 
 
+def tfds_to_xyxy(bbox: np.ndarray, height: int, width: int) -> np.ndarray:
+    """TFDS's normalized (ymin, xmin, ymax, xmax) boxes as (x1, y1, x2, y2) pixels, float32."""
+    b = np.asarray(bbox, np.float64).reshape(-1, 4)
+    return (b[:, [1, 0, 3, 2]] * np.array([width, height, width, height])).astype(np.float32)
+
+
 def _detection_example(split: Split, transform: Callable, ex: dict[str, Any], *rng: Any) -> tuple[Any, Any]:
     """A detection transform's (image, targets) from TFDS objects: boxes as xyxy pixels. Training
     (``rng`` given) leaves out crowd regions and boxes without area, as torchvision's
     ``ConvertCocoPolysToMask``; evaluation keeps the crowd regions, which COCOeval ignores matches to."""
-    from train.shapes_data import tfds_to_xyxy
-
     image, objects = np.asarray(ex[split.image_key]), ex[split.label_key]
     h, w = image.shape[:2]
     if "boxes_xyxy" in objects:  # a COCO folder's, in pixels

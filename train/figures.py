@@ -94,7 +94,7 @@ def detection_predictions(
     import matplotlib.pyplot as plt
 
     from train import data
-    from train.shapes_data import tfds_to_xyxy
+    from train.data import tfds_to_xyxy
 
     workdir = Path(workdir)
     d = _run_config(workdir, "detection").data

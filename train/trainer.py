@@ -132,7 +132,7 @@ DETECTION_MODELS = (
 
 def keep_ratio(model: Any) -> bool:
     """Whether a detection model resizes keeping the aspect ratio (Faster R-CNN) or to a fixed size."""
-    return hasattr(model, "forward_train")
+    return model.keeps_aspect_ratio
 
 
 def detection_input_size(model: Any, image_hw: tuple[int, int] | None = None) -> int:
@@ -786,6 +786,8 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
                 "position": step,
                 "global_batch": G,
                 "dataset": cfg_data.dataset,
+                "coco_folder": cfg_data.coco_folder,  # the images' source when not the TFDS dataset
+                "image_folder": cfg_data.image_folder,
             },
             "metrics": metrics or {},
             "architecture": model.architecture,

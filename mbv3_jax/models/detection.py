@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -224,6 +224,10 @@ class FasterRCNN(Model):
 
     Like torchvision, a new model is in train mode: call ``.eval()`` for inference.
     """
+
+    # The transform resizes keeping each image's aspect ratio (shorter side min_size, longer at most
+    # max_size); batches are padded to a common size.
+    keeps_aspect_ratio: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -225,6 +225,8 @@ class SSD(Model):
 
     Like torchvision, a new model is in train mode: call ``.eval()`` for inference.
     """
+
+    keeps_aspect_ratio: ClassVar[bool] = False  # the transform resizes every image to 320 x 320
 
     def __init__(
         self,
