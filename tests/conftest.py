@@ -1,7 +1,12 @@
 """Shared fixtures: real photos, torchvision-preprocessed inputs, parity precision settings."""
 
-import atexit
 import os
+
+# Two test workers (plus the runs some tests start) share the cores: OpenMP threads that spin while
+# they wait for a descheduled peer slow torch down, so waiting threads sleep (set before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import atexit
 import shutil
 import tempfile
 

@@ -1,8 +1,8 @@
 """What the trainer trains: each task turns a batch of (images, targets) into a loss and eval metrics.
 
 The trainer core (mesh, optimizer, checkpoints, exact resume, logging) is the same for every task; a
-task supplies the loss of a train step, what an eval step returns per batch (sums, which :meth:`add`
-adds on the host, so any eval set reduces to a few numbers; detection keeps its detections instead)
+task supplies the loss of a train step, what an eval step returns per batch (sums, which :meth:`combine`
+adds on the host, so any eval set reduces to a few numbers; detection concatenates its detections)
 and how those become the reported metrics. ``best_metric`` ranks checkpoints (``checkpoint.keep_best``)
 and picks ``mbv3-average``'s best run; ``train_metric`` is the per-batch number logged in train rows.
 """
@@ -36,11 +36,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 
 class _SummedEval:
-    """Eval outputs that are per-batch sums: the host adds them."""
+    """Eval outputs that are per-batch sums: the host adds them, batch after batch."""
 
     @staticmethod
-    def add(total: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: total[k] + batch[k] for k in total}
+    def combine(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        total = dict(batches[0])
+        for batch in batches[1:]:
+            total = {k: total[k] + batch[k] for k in total}
+        return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +191,8 @@ class Detection:
         return {f"det_{k}": v for k, v in det.items()} | targets | {"weights": weights}
 
     @staticmethod
-    def add(total: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {k: np.concatenate([total[k], batch[k]]) for k in total}
+    def combine(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
     def finalize(
         self, sums: dict[str, np.ndarray], results_path: str | os.PathLike | None = None

@@ -509,14 +509,13 @@ def evaluate(
     """The task's eval metrics over padded eval batches (weights 0 on padding): each batch's sums
     added on the host in float64 / int64 (exact counts however large the eval set); a detection task
     keeps each batch's detections and writes them to ``results_path`` (COCO results JSON)."""
-    sums: dict[str, np.ndarray] | None = None
+    parts: list[dict[str, np.ndarray]] = []
     for images, targets, weights in batches:
         out = steps.eval_step(params, stats, *sharding.global_batch(steps.mesh, images, targets, weights))
-        host = {k: _widened(np.asarray(v.addressable_data(0))) for k, v in out.items()}
-        sums = host if sums is None else steps.task.add(sums, host)
-    if sums is None:
+        parts.append({k: _widened(np.asarray(v.addressable_data(0))) for k, v in out.items()})
+    if not parts:
         raise ValueError("evaluation: the eval split is empty")
-    return steps.task.finalize(sums, results_path)
+    return steps.task.finalize(steps.task.combine(parts), results_path)
 
 
 def _widened(x: np.ndarray) -> np.ndarray:
