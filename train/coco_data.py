@@ -15,13 +15,13 @@ naming the file, image, annotation id or shape), following torchvision's ``Conve
 and ``_coco_remove_images_without_annotations``:
 
 * dropped: annotations of categories left out (``categories``); crowd annotations (``iscrowd=1``)
-  from the boxes, as torchvision does (kept apart in
-  ``crowd_boxes`` for evaluation, and in the semantic mask as torchvision's segmentation reference
-  keeps them); boxes with x2 <= x1 or y2 <= y1 after (x, y, w, h) -> (x1, y1, x2, y2) and clamping to
-  the image (boxes partly outside the image are clamped to it, as torchvision does; wholly outside
-  ones become empty and are dropped); polygons of fewer than 3 points (pycocotools would read 4
-  numbers as a box); with ``remove_images_without_annotations`` (torchvision does it for training),
-  images with no annotation or only boxes at most 1 pixel wide or high.
+  from the boxes, as torchvision does (kept apart in ``crowd_boxes`` for evaluation, and in the
+  semantic mask as torchvision's segmentation reference keeps them); boxes with x2 <= x1 or y2 <= y1
+  after (x, y, w, h) -> (x1, y1, x2, y2) and clamping to the image (boxes partly outside the image
+  are clamped to it, as torchvision does; wholly outside ones become empty and are dropped);
+  polygons of fewer than 3 points (pycocotools would read 4 numbers as a box); with
+  ``remove_images_without_annotations`` (torchvision does it for training), images with no
+  annotation or only boxes at most 1 pixel wide or high.
 * refused: a missing or malformed ``annotations.json`` (the JSON error's line and column), missing
   fields, duplicate image / annotation / category ids, annotations of an image or category the file
   does not list, boxes that are not 4 finite numbers, RLE masks whose size differs from their
@@ -263,7 +263,8 @@ def load_coco_folder(
     """
     if labels not in ("contiguous", "category_id"):
         raise ValueError(f"labels must be 'contiguous' or 'category_id', not {labels!r}")
-    selected = None if categories is None else [int(c) for c in categories]
+    if categories is not None and labels != "contiguous":
+        raise ValueError("categories= labels the kept categories 1..K: it needs labels='contiguous'")
     root = Path(root).expanduser()
     path = root / annotation_file
     coco = _read_json(path)
@@ -275,34 +276,32 @@ def load_coco_folder(
     raw_anns = _list(coco, "annotations", path, required=False)
     raw_cats = _list(coco, "categories", path)
 
-    categories: dict[int, str] = {}
+    file_categories: dict[int, str] = {}
     for i, cat in enumerate(raw_cats):
         cid = _field(cat, "id", int, f"category {i}", path)
-        if cid in categories:
+        if cid in file_categories:
             raise DataError(f"{path}: category id {cid} appears twice")
-        categories[cid] = str(cat.get("name", cid))
-    if selected is not None:
-        if labels != "contiguous":
-            raise ValueError("categories= labels the kept categories 1..K: it needs labels='contiguous'")
-        unknown = [c for c in selected if c not in categories]
-        if unknown or len(set(selected)) != len(selected):
+        file_categories[cid] = str(cat.get("name", cid))
+    if categories is None:
+        category_ids = tuple(sorted(file_categories))
+    else:
+        category_ids = tuple(int(c) for c in categories)
+        unknown = [c for c in category_ids if c not in file_categories]
+        if unknown or len(set(category_ids)) != len(category_ids):
             problem = f"not there: {unknown}" if unknown else "some repeat"
             raise DataError(
-                f"{path}: categories {list(selected)} must be distinct ids of the file's categories; "
-                f"{problem} (ids {sorted(categories)[:20]})"
+                f"{path}: categories {list(category_ids)} must be distinct ids of the file's categories; "
+                f"{problem} (ids {sorted(file_categories)[:20]})"
             )
-    file_categories = dict(categories)
-    if selected is not None:
-        categories = {c: file_categories[c] for c in selected}
-    category_ids = tuple(categories) if selected is not None else tuple(sorted(categories))
+    kept = {c: file_categories[c] for c in category_ids}  # the categories labelled, by id
     if labels == "category_id":
         if category_ids and category_ids[0] < 1:
             raise DataError(f"{path}: category id {category_ids[0]} collides with background (label 0)")
         top = category_ids[-1] if category_ids else 0
-        class_names = ("background",) + tuple(categories.get(k, f"unused_{k}") for k in range(1, top + 1))
+        class_names = ("background",) + tuple(kept.get(k, f"unused_{k}") for k in range(1, top + 1))
         label_of = {cid: cid for cid in category_ids}
     else:
-        class_names = ("background",) + tuple(categories[c] for c in category_ids)
+        class_names = ("background",) + tuple(kept[c] for c in category_ids)
         label_of = {cid: k for k, cid in enumerate(category_ids, start=1)}
 
     images: dict[int, dict] = {}
@@ -344,7 +343,7 @@ def load_coco_folder(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox
         ):
             raise DataError(f"{path}: {what} has bbox {_short(bbox)}, expected 4 finite numbers [x, y, w, h]")
-        if cid not in categories:
+        if cid not in kept:
             other_categories += 1
             continue
         per_image[iid].append(ann)

@@ -544,6 +544,12 @@ def _transformed(split: Split, transform: Callable, ex: dict[str, Any], *rng: An
     return transform(image, *rng), ex[split.label_key]
 
 
+def xyxy_to_tfds(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(x1, y1, x2, y2) pixel boxes as TFDS's normalized (ymin, xmin, ymax, xmax), float32."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return (b[:, [1, 0, 3, 2]] / np.array([height, width, height, width])).astype(np.float32)
+
+
 def tfds_to_xyxy(bbox: np.ndarray, height: int, width: int) -> np.ndarray:
     """TFDS's normalized (ymin, xmin, ymax, xmax) boxes as (x1, y1, x2, y2) pixels, float32."""
     b = np.asarray(bbox, np.float64).reshape(-1, 4)

@@ -94,7 +94,6 @@ def detection_predictions(
     import matplotlib.pyplot as plt
 
     from train import data
-    from train.data import tfds_to_xyxy
 
     workdir = Path(workdir)
     d = _run_config(workdir, "detection").data
@@ -118,7 +117,7 @@ def detection_predictions(
         objects = ex[split.label_key]
         boxes = objects.get("boxes_xyxy")
         if boxes is None:
-            boxes = tfds_to_xyxy(np.asarray(objects["bbox"]), *image.shape[:2])
+            boxes = data.tfds_to_xyxy(np.asarray(objects["bbox"]), *image.shape[:2])
         truth = (np.asarray(boxes), np.asarray(objects["label"]) + split.label_offset, None)
         keep = np.asarray(det["scores"]) > score_thresh
         predicted = (

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from train.data import DataError, _png, _tfds
+from train.data import DataError, _png, _tfds, xyxy_to_tfds
 
 SHAPES_NAME = "mbv3_shapes"
 SHAPES_SIZE = 128
@@ -280,12 +280,6 @@ def shapes_builder(data_dir: str | os.PathLike | None = None) -> Any:
     builder = cls(data_dir=None if data_dir is None else str(data_dir), file_format="array_record")
     builder.download_and_prepare()
     return builder
-
-
-def xyxy_to_tfds(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(x1, y1, x2, y2) pixel boxes as TFDS's normalized (ymin, xmin, ymax, xmax), float32."""
-    b = np.asarray(boxes, np.float64).reshape(-1, 4)
-    return (b[:, [1, 0, 3, 2]] / np.array([height, width, height, width])).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------
