@@ -59,6 +59,28 @@ def test_shipped_configs():
     )
 
 
+def test_segmentation_recipes():
+    """torchvision's segmentation recipe for LR-ASPP and DeepLabV3 (aux head: loss 0.5, lr x 10)."""
+    for name in ("lraspp_coco", "deeplabv3_coco"):
+        c = load_config(name)
+        o, d = c.optim, c.data
+        assert (o.optimizer, o.lr, o.reference_batch, o.momentum, o.weight_decay, o.schedule) == (
+            "sgd", 0.01, 32, 0.9, 1e-6, "poly",
+        )  # fmt: skip
+        assert (c.train.epochs, c.train.global_batch, c.model.num_classes, d.batch_shapes) == (
+            30,
+            32,
+            21,
+            "grouped",
+        )
+        assert (d.base_size, d.resize_range, d.train_crop, d.eval_resize) == (520, (0.5, 2.0), 480, 520)
+        assert d.coco_categories[:3] == (5, 2, 16) and len(set(d.coco_categories)) == 20
+    deeplab = load_config("deeplabv3_coco")
+    assert deeplab.model.name == "deeplabv3_mobilenet_v3_large" and deeplab.model.aux_loss
+    assert (deeplab.model.aux_weight, deeplab.optim.aux_lr_mult) == (0.5, 10.0)
+    assert load_config("lraspp_coco").optim.aux_lr_mult == 1.0
+
+
 def test_overrides_and_errors(tmp_path):
     c = apply_overrides(
         load_config("digits"),
@@ -194,6 +216,42 @@ def test_tf_mode_recipe_builds_tf1_rmsprop():
 
 
 @needs_torch
+def test_aux_head_lr_multiplier_is_torchs_param_group():
+    """``optim.aux_lr_mult 10`` (torchvision's segmentation reference: the aux head in its own param
+    group at 10 x lr) equals torch SGD with those two groups over three steps of a decaying lr."""
+    import torch
+
+    cfg = OptimConfig(optimizer="sgd", lr=0.02, reference_batch=8, weight_decay=1e-4, schedule="poly")
+    cfg.aux_lr_mult = 10.0
+    sched = learning_rate(cfg, global_batch=8, steps_per_epoch=5, total_steps=5)
+    rng = np.random.default_rng(0)
+    params = {
+        "aux_classifier": {"w": rng.standard_normal((3, 4))},
+        "classifier": {"w": rng.standard_normal(5)},
+    }
+    grads = [_random_like(params, rng) for _ in range(3)]
+    tx = make_optimizer(cfg, sched)
+    state, got = tx.init(params), params
+    for g in grads:
+        updates, state = tx.update(g, state, got)
+        got = optax.apply_updates(got, updates)
+    aux, head = (torch.tensor(params[k]["w"], requires_grad=True) for k in ("aux_classifier", "classifier"))
+    groups = [{"params": [head]}, {"params": [aux], "lr": 0.2}]
+    opt = torch.optim.SGD(groups, lr=0.02, momentum=0.9, weight_decay=1e-4)
+    poly = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=5, power=0.9)
+    for g in grads:
+        aux.grad, head.grad = (torch.tensor(g[k]["w"]) for k in ("aux_classifier", "classifier"))
+        opt.step()
+        poly.step()
+    np.testing.assert_allclose(np.asarray(got["aux_classifier"]["w"]), aux.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got["classifier"]["w"]), head.detach().numpy(), rtol=1e-6)
+
+
+def _random_like(params: dict, rng: np.random.Generator) -> dict:
+    return {k: {n: rng.standard_normal(a.shape) for n, a in v.items()} for k, v in params.items()}
+
+
+@needs_torch
 def test_init_from_torchvision_checkpoint_with_a_new_head(tmp_path):
     """``--model.init`` a torchvision .pth of 1000 classes into a 10-class model: all but the head load."""
     import torchvision
@@ -211,6 +269,72 @@ def test_init_from_torchvision_checkpoint_with_a_new_head(tmp_path):
         build_model(ModelConfig(name="mobilenet_v3_small", init=str(tmp_path / "missing.pth")), 10)
     with pytest.raises(ValueError, match="which this model does not have"):
         build_model(ModelConfig(name="mobilenet_v3_large", init=str(path)), 10)
+
+
+@needs_torch
+def test_backbone_init_from_a_classifier_checkpoint(tmp_path):
+    """``--model.backbone_init`` (torchvision's ``weights_backbone``): a MobileNetV3-Large classifier
+    .pth fills the backbone of LR-ASPP (dilated), of SSDlite (its tail then full width) and of Faster
+    R-CNN, whose backbone BatchNorm is then frozen and whose last 3 stages train, as torchvision builds
+    them from backbone weights."""
+    import torchvision
+
+    from mbv3_jax.layers import FrozenBatchNorm
+
+    torch.manual_seed(0)
+    tv = torchvision.models.mobilenet_v3_large()
+    for m in tv.modules():  # statistics that differ from a fresh BatchNorm's
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    path = tmp_path / "large.pth"
+    torch.save(tv.state_dict(), path)
+    features = tv.features
+    seg = build_model(ModelConfig(name="lraspp_mobilenet_v3_large", backbone_init=str(path)), 21)
+    np.testing.assert_array_equal(
+        np.asarray(seg.backbone[0].conv.kernel[...]),
+        features[0][0].weight.detach().numpy().transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        np.asarray(seg.backbone[16].bn.mean[...]), features[16][1].running_mean.numpy()
+    )
+    det = build_model(ModelConfig(name="fasterrcnn_mobilenet_v3_large_320_fpn", backbone_init=str(path)), 5)
+    assert isinstance(det.backbone.body[16].bn, FrozenBatchNorm) and det.trainable_backbone_layers == 3
+    np.testing.assert_array_equal(
+        np.asarray(det.backbone.body[16].bn.var[...]), features[16][1].running_var.numpy()
+    )
+    ssd = build_model(ModelConfig(name="ssdlite320_mobilenet_v3_large", backbone_init=str(path)), 5)
+    np.testing.assert_array_equal(  # the full-width tail (torchvision's SSDlite from backbone weights)
+        np.asarray(ssd.backbone.features[16].bn.mean[...]), features[16][1].running_mean.numpy()
+    )
+    with pytest.raises(ValueError, match="not both"):
+        build_model(
+            ModelConfig(name="lraspp_mobilenet_v3_large", init=str(path), backbone_init=str(path)), 21
+        )
+    with pytest.raises(ValueError, match="detection or segmentation"):
+        build_model(ModelConfig(name="mobilenet_v3_large", backbone_init=str(path)), 10)
+    small = tmp_path / "small.pth"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), small)
+    with pytest.raises(ValueError, match="small.pth is not a MobileNetV3-Large classifier's"):
+        build_model(ModelConfig(name="lraspp_mobilenet_v3_large", backbone_init=str(small)), 21)
+
+
+@needs_torch
+def test_init_a_segmentation_model_from_its_torchvision_checkpoint(tmp_path):
+    """``--model.init`` a torchvision LR-ASPP .pth: every variable of the model comes from it."""
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights_backbone=None, num_classes=5)
+    path = tmp_path / "lraspp.pth"
+    torch.save(tv.state_dict(), path)
+    model = build_model(ModelConfig(name="lraspp_mobilenet_v3_large", init=str(path)), 5)
+    np.testing.assert_array_equal(
+        np.asarray(model.classifier.high_classifier.kernel[...])[0, 0],
+        tv.classifier.high_classifier.weight.detach()[:, :, 0, 0].numpy().T,
+    )
+    with pytest.raises(ValueError, match="lraspp.pth"):
+        build_model(ModelConfig(name="lraspp_mobilenet_v3_large", init=str(path)), 21)
 
 
 def test_image_folder_dataset(tmp_path):

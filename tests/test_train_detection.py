@@ -107,6 +107,40 @@ def test_trains_evaluates_and_resumes_exactly(tmp_path, data_dir):
     assert (tmp_path / "straight" / "predictions.png").stat().st_size > 10_000
 
 
+def test_faster_rcnn_batches_of_one_shape_compile_once_per_shape(tmp_path):
+    """Faster R-CNN keeps each image's aspect ratio: 128x128 and 96x128 images train in batches of one
+    bucket each (320x320 and 320x448) and evaluate at their own resized size padded to 32 (320x320,
+    320x448): two compilations of each step, however many steps; the detections come back in each
+    image's own frame."""
+    from test_batching import write_mixed_sizes
+
+    write_mixed_sizes(tmp_path / "coco", "train", 8, 0)
+    write_mixed_sizes(tmp_path / "coco", "val", 4, 1)
+    args = [
+        *(
+            "--model.name",
+            "fasterrcnn_mobilenet_v3_large_320_fpn",
+            "--data.coco_folder",
+            str(tmp_path / "coco"),
+        ),
+        *("--data.eval_split", "val", "--train.global_batch", "2", "--train.eval_batch", "2"),
+        *("--train.max_steps", "4", "--train.eval_every_steps", "4", "--data.shuffle", "false"),
+    ]
+    compilations = _Compilations()
+    logger = logging.getLogger("jax")
+    logger.addHandler(compilations)
+    try:
+        with jax.log_compiles(True):
+            assert train_main([*ARGS, *args, "--workdir", str(tmp_path / "run")]) == 0
+    finally:
+        logger.removeHandler(compilations)
+    assert compilations.names.count("train_step") == 2, compilations.names
+    assert compilations.names.count("eval_step") == 2, compilations.names
+    results = json.loads((tmp_path / "run" / "detections.json").read_text())
+    heights = {r["image_id"]: (96 if r["image_id"] % 2 == 0 else 128) for r in results}  # ids from 1
+    assert results and all(r["bbox"][1] + r["bbox"][3] <= heights[r["image_id"]] + 1e-3 for r in results)
+
+
 def _without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
 
@@ -260,7 +294,7 @@ def test_coco_folder_split_keeps_the_files_ids(tmp_path):
     sums["det_labels"] = targets["labels"]
     sums["det_num_detections"] = targets["valid"].sum(1)
     assert n == 4
-    metrics = Detection(4, 64, split.category_ids).finalize(sums, tmp_path / "detections.json")
+    metrics = Detection(4, split.category_ids).finalize(sums, tmp_path / "detections.json")
     assert metrics["map"] == pytest.approx(1.0) and metrics["count"] == 3
     results = json.loads((tmp_path / "detections.json").read_text())
     assert {r["image_id"] for r in results} == {101, 102, 103}

@@ -294,7 +294,7 @@ def test_fasterrcnn_320_one_step_matches_torchvision():
             losses = tv(images_t, targets_t)
             return sum(losses.values()), losses
 
-        task = Detection(4, 320, keep_ratio=True)
+        task = Detection(4, keep_ratio=True)
         out, losses_t, loss_t, worst_param, worst_update = _sgd_step_pair(
             model, tv, optim, task, torch_loss, batch, targets, 2
         )

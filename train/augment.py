@@ -255,14 +255,12 @@ def eval_transform(resize: int, crop: int, mean: Sequence[float], std: Sequence[
 def _resize_pair(image: Image.Image, mask: Image.Image, short: int) -> tuple[Image.Image, Image.Image]:
     """The shorter side to ``short``: the image bilinearly (antialiased, as torchvision's
     ``antialias=True``), the mask by nearest neighbour, as ``RandomResize`` does."""
-    w, h = image.size
-    if min(w, h) == short:
+    from train.batching import shorter_side_size
+
+    h, w = shorter_side_size(image.height, image.width, short)
+    if (h, w) == (image.height, image.width):
         return image, mask
-    if w <= h:
-        size = (short, int(short * h / w))
-    else:
-        size = (int(short * w / h), short)
-    return image.resize(size, Image.BILINEAR), mask.resize(size, Image.NEAREST)
+    return image.resize((w, h), Image.BILINEAR), mask.resize((w, h), Image.NEAREST)
 
 
 def _pad_pair(image: np.ndarray, mask: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -307,18 +305,21 @@ class SegmentationTrainTransform:
 
 @dataclass(frozen=True)
 class SegmentationEvalTransform:
-    """torchvision's ``SegmentationPresetEval`` (the shorter side to ``resize``, normalize), then padded
-    at the bottom and right to ``size`` x ``size`` (image 0, mask 255: padding is not scored) so that
-    every eval batch has one shape; torchvision evaluates each image at its own size (batch 1)."""
+    """torchvision's ``SegmentationPresetEval`` (the shorter side to ``resize``, normalize). ``size``:
+    then padded at the bottom and right to ``size`` x ``size`` (image 0, mask 255: padding is not
+    scored), every eval batch one shape; None: each image at its own size, as torchvision evaluates
+    (batched by shape, :mod:`train.batching`)."""
 
     resize: int = 520
-    size: int = 520
+    size: int | None = 520
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
     def __call__(self, img: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         image, target = _resize_pair(Image.fromarray(as_rgb_uint8(img)), Image.fromarray(mask), self.resize)
         x, m = np.asarray(image), np.asarray(target)
+        if self.size is None:
+            return normalize_uint8(x, self.mean, self.std), m.astype(np.int32)
         if max(x.shape[:2]) > self.size:
             raise ValueError(
                 f"an eval image resized to {x.shape[0]}x{x.shape[1]} is larger than the eval size "
@@ -401,7 +402,7 @@ def random_iou_crop(
 def _detection_input(
     img: np.ndarray,
     boxes: np.ndarray,
-    size: int,
+    size: int | None,
     mean: Sequence[float],
     std: Sequence[float],
     keep_ratio: tuple[int, int] | None = None,
@@ -410,15 +411,18 @@ def _detection_input(
     ratios ``new / old``; returns (image, boxes, its (h, w) after the resize). A fixed-size model
     (SSDlite) resizes to ``size`` x ``size``; ``keep_ratio=(min_size, max_size)`` (Faster R-CNN)
     scales the shorter side to min_size unless the longer would pass max_size, then pads at the
-    bottom and right to ``size`` x ``size`` (the batch's one shape; torchvision pads to the batch's
-    largest image, rounded up to 32)."""
+    bottom and right to ``size`` x ``size`` (one shape for every batch), or with ``size`` None leaves
+    the padding to the batch (:mod:`train.batching`; torchvision pads to the batch's largest image,
+    rounded up to 32)."""
     from mbv3_jax.models.detection import resized_size
     from mbv3_jax.models.detection_utils import resize_boxes
 
     h, w = img.shape[:2]
+    if keep_ratio is None and size is None:
+        raise ValueError("a fixed-size detection model needs its input size")
     out_h, out_w = (size, size) if keep_ratio is None else resized_size(h, w, *keep_ratio)
     x = resize_bilinear(normalize_uint8(img, mean, std), out_h, out_w)
-    if (out_h, out_w) != (size, size):
+    if size is not None and (out_h, out_w) != (size, size):
         x = np.pad(x, ((0, size - out_h), (0, size - out_w), (0, 0)))
     return x, resize_boxes(boxes, (h, w), (out_h, out_w)), np.asarray([out_h, out_w], np.int32)
 
@@ -431,7 +435,7 @@ class DetectionTrainTransform:
     to ``max_boxes``: ``boxes`` in the resized frame, ``labels``, ``valid``, and ``image_size``, the
     resized image's (h, w) within the padding)."""
 
-    size: int = 320
+    size: int | None = 320  # None (with keep_ratio): not padded here, the batch pads
     max_boxes: int = 100
     iou_crop: bool = True
     hflip: bool = True
@@ -465,7 +469,7 @@ class DetectionEvalTransform:
     frame for COCO evaluation: targets ``boxes`` (xyxy pixels), ``labels``, ``valid``, ``crowd`` padded
     to ``max_boxes``, ``size`` (the original height, width) and ``image_size`` (the resized one)."""
 
-    size: int = 320
+    size: int | None = 320  # None (with keep_ratio): not padded here, the batch pads
     max_boxes: int = 100
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)

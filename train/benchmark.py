@@ -65,7 +65,7 @@ def jax_step_runner(name: str, batch: int, size: int, num_classes: int | None = 
     task = {
         "classification": tasks.Classification(),
         "segmentation": tasks.Segmentation(num_classes),
-        "detection": tasks.Detection(num_classes, size, None, trainer.keep_ratio(model)),
+        "detection": tasks.Detection(num_classes, None, trainer.keep_ratio(model)),
     }[kind]
     optim = OptimConfig()
     schedule = trainer.learning_rate(optim, batch, steps_per_epoch=1000, total_steps=10_000)

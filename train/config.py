@@ -43,6 +43,11 @@ class ModelConfig:
     # Fine-tuning: a torchvision .pth/.pt file or a mbv3_jax.save directory. A classifier head whose
     # class count differs from num_classes is re-initialised.
     init: str | None = None
+    # Detection / segmentation: a MobileNetV3-Large classifier checkpoint (torchvision's ImageNet .pth,
+    # or a mbv3_jax.save directory) whose features initialise the backbone (torchvision's
+    # weights_backbone; as there, Faster R-CNN's backbone BatchNorm is then frozen and its last 3
+    # stages train, and SSDlite's last blocks keep their full width).
+    backbone_init: str | None = None
     # Segmentation: DeepLabV3 / FCN's auxiliary FCN head on the stride-8 features, its loss weighted
     # aux_weight (torchvision's references: 0.5).
     aux_loss: bool = False
@@ -103,6 +108,14 @@ class DataConfig:
     # the ssdlite preset's RandomIoUCrop. The objects are read from label_key ("objects" if it is "label").
     max_boxes: int = 100
     iou_crop: bool = True
+    # Images that keep their aspect ratio (Faster R-CNN's; segmentation's eval images): "grouped" puts
+    # images of one padded shape in each batch, one compilation per shape (training: the smallest of a
+    # few buckets that holds each image, as torchvision groups by aspect ratio; evaluation: each
+    # image's own size rounded up to eval_size_divisible, as torchvision evaluates one image at a
+    # time); "square" pads every image to one square (Faster R-CNN: its max_size; segmentation eval:
+    # eval_crop), one compilation.
+    batch_shapes: str = "grouped"
+    eval_size_divisible: int | None = None  # None: 32 for Faster R-CNN (torchvision's), 1 for segmentation
     base_size: int = 520
     resize_range: tuple[float, float] = (0.5, 2.0)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -132,6 +145,7 @@ class OptimConfig:
     lr_gamma: float = 0.973
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    aux_lr_mult: float = 1.0  # the aux head's lr x this (torchvision's segmentation reference: 10)
     ema_decay: float | None = None  # e.g. 0.9999: keep an exponential moving average of the weights
 
 

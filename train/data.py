@@ -252,6 +252,8 @@ class Split:
     label_offset: int = 0
     category_ids: tuple[int, ...] | None = None  # a COCO folder's category id of each label >= 1
     image_hw: tuple[int, int] | None = None  # every image's (height, width), where the data fixes it
+    sizes: np.ndarray | None = None  # (N, 2) each image's (height, width), where known without decoding
+    encoded: Any = None  # the same records with the images undecoded (their sizes read from headers)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -407,7 +409,28 @@ def open_split(
     )
     image_shape = getattr(builder.info.features[image_key], "shape", (None, None))
     image_hw = tuple(image_shape[:2]) if None not in image_shape[:2] else None
-    return Split(source, num_classes, names, image_key, label_key, split, kind, label_offset, None, image_hw)
+    encoded = None
+    if image_hw is None:  # the images' sizes, when asked for, are read from their headers
+        encoded = tfds.data_source(
+            dataset,
+            split=shard(builder, split),
+            data_dir=data_dir,
+            download=False,
+            decoders={image_key: tfds.decode.SkipDecoding()},
+            builder_kwargs={"file_format": "array_record"},
+        )
+    return Split(
+        source,
+        num_classes,
+        names,
+        image_key,
+        label_key,
+        split,
+        kind,
+        label_offset,
+        image_hw=image_hw,
+        encoded=encoded,
+    )
 
 
 # torchvision's segmentation reference trains on the COCO images with more than this annotated area.
@@ -438,10 +461,21 @@ def _coco_folder_split(
     source = CocoSource(coco, masks=kind == "segmentation", start=start, stop=stop)
     label_key = "mask" if kind == "segmentation" else "objects"
     names = list(coco.class_names)
-    sizes = {(img.height, img.width) for img in coco.images}
-    image_hw = sizes.pop() if len(sizes) == 1 else None
+    sizes = np.asarray([(img.height, img.width) for img in coco.images[start:stop]], np.int64).reshape(-1, 2)
+    distinct = {tuple(hw) for hw in sizes.tolist()}
+    image_hw = distinct.pop() if len(distinct) == 1 else None
     return Split(
-        source, coco.num_classes, names, "image", label_key, split, kind, 0, coco.category_ids, image_hw
+        source,
+        coco.num_classes,
+        names,
+        "image",
+        label_key,
+        split,
+        kind,
+        0,
+        coco.category_ids,
+        image_hw=image_hw,
+        sizes=sizes,
     )
 
 
@@ -497,6 +531,11 @@ class GlobalOrder:
         epoch, offset = divmod(global_pos, self.steps_per_epoch * self.global_batch)
         return int(_cached_permutation(self, epoch)[offset])
 
+    def batch(self, step: int) -> tuple[None, np.ndarray]:
+        """(no shape: each example's own, the global batch's records) of ``step``."""
+        start = int(step) * self.global_batch
+        return None, np.asarray([self.record(p) for p in range(start, start + self.global_batch)], np.int64)
+
 
 _PERM_CACHE: dict[tuple, np.ndarray] = {}
 
@@ -517,20 +556,23 @@ def _read(split: Split, indices: list[int]) -> list[dict[str, Any]]:
 
 
 class _TrainBatch:
-    """grain map: step -> this process's (images, labels) of that global batch, augmented per example."""
+    """grain map: step -> this process's (images, labels) of that global batch, augmented per example
+    and padded to the batch's shape (a :class:`train.batching.GroupedOrder`'s)."""
 
-    def __init__(self, split: Split, order: GlobalOrder, transform: Callable, local_batch: int, offset: int):
+    def __init__(self, split: Split, order: Any, transform: Callable, local_batch: int, offset: int):
         self.split, self.order, self.transform = split, order, transform
         self.local_batch, self.offset = local_batch, offset
 
     def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        positions = [int(step) * self.order.global_batch + self.offset + j for j in range(self.local_batch)]
-        examples = _read(self.split, [self.order.record(p) for p in positions])
+        shape, records = self.order.batch(step)
+        rows = range(self.offset, self.offset + self.local_batch)
+        examples = _read(self.split, [int(records[j]) for j in rows])
+        positions = [int(step) * self.order.global_batch + j for j in rows]
         pairs = [
             _transformed(self.split, self.transform, ex, np.random.default_rng([self.order.seed, 1, p]))
             for ex, p in zip(examples, positions, strict=True)
         ]
-        return _stacked(pairs)
+        return _stacked(pairs, shape)
 
 
 def _transformed(split: Split, transform: Callable, ex: dict[str, Any], *rng: Any) -> tuple[Any, Any]:
@@ -579,12 +621,29 @@ def _detection_example(split: Split, transform: Callable, ex: dict[str, Any], *r
     return x, targets
 
 
-def _stacked(pairs: list[tuple[Any, Any]]) -> tuple[np.ndarray, Any]:
+def _stacked(pairs: list[tuple[Any, Any]], shape: tuple[int, int] | None = None) -> tuple[np.ndarray, Any]:
+    """Images and targets as batch arrays; with ``shape``, each image padded at the bottom and right to
+    it with 0 (a segmentation mask with 255, not scored), as torchvision pads a batch."""
+    if shape is not None:
+        pairs = [_padded(image, target, shape) for image, target in pairs]
     images = np.stack([image for image, _ in pairs]).astype(np.float32, copy=False)
     targets = [target for _, target in pairs]
     if isinstance(targets[0], dict):  # detection: padded per-image arrays
         return images, {k: np.stack([t[k] for t in targets]) for k in targets[0]}
     return images, np.asarray(np.stack(targets), np.int32)
+
+
+def _padded(image: np.ndarray, target: Any, shape: tuple[int, int]) -> tuple[np.ndarray, Any]:
+    from mbv3_jax.models.segmentation import IGNORE_INDEX
+
+    h, w = image.shape[:2]
+    if h > shape[0] or w > shape[1]:
+        raise DataError(f"an image of {h}x{w} after its transform does not fit its batch's shape {shape}")
+    pad = ((0, shape[0] - h), (0, shape[1] - w))
+    image = np.pad(image, (*pad, (0, 0)))
+    if isinstance(target, np.ndarray) and target.shape[:2] == (h, w):  # a segmentation mask
+        target = np.pad(target, pad, constant_values=IGNORE_INDEX)
+    return image, target
 
 
 def _default_threads() -> int:
@@ -593,7 +652,7 @@ def _default_threads() -> int:
 
 def train_batches(
     split: Split,
-    order: GlobalOrder,
+    order: Any,
     transform: Callable[[np.ndarray, np.random.Generator], np.ndarray],
     *,
     start_step: int,
@@ -605,6 +664,7 @@ def train_batches(
     prefetch: int = 4,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """This process's slices of global batches ``start_step .. num_steps-1``: (images NHWC, labels).
+    ``order``: a :class:`GlobalOrder`, or a :class:`train.batching.GroupedOrder` (batches of one shape).
 
     A grain pipeline over step numbers (so the iterator's position is the step); ``worker_count > 0``
     decodes and augments in that many worker processes, else in ``num_threads`` threads.
@@ -628,20 +688,21 @@ def train_batches(
 
 
 class _EvalBatch:
-    """grain map: step -> (images, labels, weights) of this process's slice; padding gets weight 0."""
+    """grain map: step -> (images, labels, weights) of this process's rows of that global eval batch,
+    padded to the batch's shape; padding rows repeat a real image with weight 0."""
 
-    def __init__(self, split: Split, transform: Callable, global_batch: int, local_batch: int, offset: int):
-        self.split, self.transform = split, transform
-        self.global_batch, self.local_batch, self.offset = global_batch, local_batch, offset
+    def __init__(self, split: Split, transform: Callable, schedule: list, local_batch: int, offset: int):
+        self.split, self.transform, self.schedule = split, transform, schedule
+        self.local_batch, self.offset = local_batch, offset
 
     def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = len(self.split)
-        positions = [int(step) * self.global_batch + self.offset + j for j in range(self.local_batch)]
-        examples = _read(self.split, [min(p, n - 1) for p in positions])
-        images, targets = _stacked([_transformed(self.split, self.transform, ex) for ex in examples])
-        weights = np.asarray([p < n for p in positions], np.float32)
+        shape, records = self.schedule[int(step)]
+        rows = records[self.offset : self.offset + self.local_batch]
+        examples = _read(self.split, [int(r) if r >= 0 else int(records[0]) for r in rows])
+        images, targets = _stacked([_transformed(self.split, self.transform, ex) for ex in examples], shape)
+        weights = (rows >= 0).astype(np.float32)
         if isinstance(targets, dict) and "image_id" not in targets:  # detection: name the image for COCO
-            targets["image_id"] = np.asarray(positions, np.int32)
+            targets["image_id"] = np.where(rows >= 0, rows, int(records[0])).astype(np.int32)
         return images, targets, weights
 
 
@@ -650,21 +711,29 @@ def eval_batches(
     transform: Callable[[np.ndarray], np.ndarray],
     global_batch: int,
     *,
+    shapes: np.ndarray | None = None,
     process_index: int = 0,
     process_count: int = 1,
     num_threads: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """This process's slices of the eval set in order, padded: (images, labels, weights 1/0)."""
+    """This process's slices of the eval set, padded: (images, labels, weights 1/0). ``shapes``: (N, 2)
+    the shape each image is padded to; the set is then walked shape by shape
+    (:func:`train.batching.eval_schedule`), one compilation per shape."""
     import grain
+
+    from train.batching import eval_schedule
 
     if global_batch % process_count:
         raise DataError(f"eval batch {global_batch} is not divisible by {process_count} processes")
     local = global_batch // process_count
-    fn = _EvalBatch(split, transform, global_batch, local, process_index * local)
-    ds = grain.MapDataset.range(num_eval_steps(split, global_batch)).map(fn)
+    schedule = eval_schedule(len(split), global_batch, shapes)
+    fn = _EvalBatch(split, transform, schedule, local, process_index * local)
+    ds = grain.MapDataset.range(len(schedule)).map(fn)
     threads = num_threads if num_threads is not None else _default_threads()
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4)))
 
 
-def num_eval_steps(split: Split, global_batch: int) -> int:
-    return -(-len(split) // global_batch)
+def num_eval_steps(split: Split, global_batch: int, shapes: np.ndarray | None = None) -> int:
+    from train.batching import eval_schedule
+
+    return len(eval_schedule(len(split), global_batch, shapes))

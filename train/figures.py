@@ -175,14 +175,14 @@ def segmentation_predictions(
         coco_folder=d.coco_folder,
         coco_categories=d.coco_categories,
     )
-    transform = augment.SegmentationEvalTransform(d.eval_resize, d.eval_crop, tuple(d.mean), tuple(d.std))
+    size = d.eval_crop if d.batch_shapes == "square" else None  # as the run evaluated
+    transform = augment.SegmentationEvalTransform(d.eval_resize, size, tuple(d.mean), tuple(d.std))
     examples = [split.source[i] for i in range(min(num_images, len(split)))]
     pairs = [
         transform(np.asarray(ex[split.image_key]), np.asarray(ex[split.label_key])[..., 0]) for ex in examples
     ]
-    images = np.stack([x for x, _ in pairs])
     model = workdir_model(workdir, step)
-    predictions = np.asarray(model(images)["out"]).argmax(-1)
+    predictions = [np.asarray(model(x[None])["out"][0]).argmax(-1) for x, _ in pairs]
     mean, std = np.asarray(d.mean), np.asarray(d.std)
     fig, axes = plt.subplots(len(pairs), 3, figsize=(7.5, 2.5 * len(pairs)), squeeze=False)
     for row, ((x, truth), pred) in enumerate(zip(pairs, predictions, strict=True)):

@@ -155,12 +155,11 @@ class Detection:
     image's original size, against its ground truth (crowd regions included), as torchvision's
     ``CocoEvaluator``. Without COCO's mask areas the small / medium / large split goes by box area.
 
-    ``image_size``: the batch's side (SSDlite's fixed input, or Faster R-CNN's padded one, which also
-    sets RoIAlign's scales as torchvision's from its padded batch); ``keep_ratio``: a Faster R-CNN
-    (images resized keeping their aspect ratio, each one's size in the targets' ``image_size``)."""
+    ``keep_ratio``: a Faster R-CNN (images resized keeping their aspect ratio, each one's size in the
+    targets' ``image_size``, padded to the batch's shape, which also sets RoIAlign's scales as
+    torchvision's padded batch does)."""
 
     num_classes: int
-    image_size: int = 320
     category_ids: tuple[int, ...] | None = None  # written to the results JSON for labels 1.. (else labels)
     keep_ratio: bool = False
     kind: ClassVar[str] = "detection"
@@ -174,7 +173,7 @@ class Detection:
         """(the summed losses, the box regression loss of the detections: SSD's, or the RoI heads')."""
         boxes, labels, valid = targets["boxes"], targets["labels"], targets["valid"]
         if self.keep_ratio:
-            hw = (self.image_size, self.image_size)
+            hw = tuple(images.shape[1:3])
             losses = model.forward_train(images, targets["image_size"], boxes, labels, valid, key, hw)
             return sum(losses.values()), losses["loss_box_reg"]
         losses = model.losses(images, boxes, labels, valid)
@@ -185,7 +184,7 @@ class Detection:
     ) -> dict[str, jax.Array]:
         """The batch's detections (in the model's input frame) with its ground truth and weights."""
         if self.keep_ratio:
-            det = model.forward_detect(images, targets["image_size"], (self.image_size, self.image_size))
+            det = model.forward_detect(images, targets["image_size"], tuple(images.shape[1:3]))
         else:
             det = model.forward_detect(images)
         return {f"det_{k}": v for k, v in det.items()} | targets | {"weights": weights}

@@ -38,7 +38,7 @@ from mbv3_jax.checkpoint import load as load_saved_model
 from mbv3_jax.layers import BatchNorm
 from mbv3_jax.models import MobileNetV3, get_model, mobilenet_v3_config, qat
 from mbv3_jax.variables import copy_by_path, describe_mismatch, format_path, variables_by_path
-from train import augment, checkpointing, data, sharding
+from train import augment, batching, checkpointing, data, sharding
 from train.config import TrainConfig
 from train.metrics import MetricsWriter, plot_metrics
 from train.tasks import Classification, Detection, Segmentation, Task
@@ -78,20 +78,16 @@ def _init_arrays(path: Path, model: nnx.Module) -> dict[tuple, np.ndarray]:
     except ImportError as e:  # pragma: no cover - needs the torch extra
         raise ImportError("initialising from a .pth needs torch: pip install 'mbv3-jax[torch]'") from e
     state_dict = read_checkpoint(path)
-    head = state_dict.get("classifier.3.weight")
-    if head is None:
-        raise ValueError(
-            f"{path} is not a torchvision MobileNetV3 classifier checkpoint (no classifier.3.weight)"
-        )
-    if int(head.shape[0]) != model.num_classes:  # fine-tuning to other classes: keep the fresh head
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("classifier.3.")}
-    return convert_to_jax(
-        state_dict,
-        model,
-        rules_for(model.architecture["builder"]),
-        strict=False,
-        context=f"--model.init {path}",
-    )
+    builder = model.architecture["builder"]
+    if task_kind(builder) == "classification":  # a detection or segmentation model loads whole
+        head = state_dict.get("classifier.3.weight")
+        if head is None:
+            raise ValueError(
+                f"{path} is not a torchvision MobileNetV3 classifier checkpoint (no classifier.3.weight)"
+            )
+        if int(head.shape[0]) != model.num_classes:  # fine-tuning to other classes: keep the fresh head
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("classifier.3.")}
+    return convert_to_jax(state_dict, model, rules_for(builder), strict=False, context=f"--model.init {path}")
 
 
 def load_init(model: nnx.Module, init: str | os.PathLike) -> list[str]:
@@ -118,6 +114,40 @@ def load_init(model: nnx.Module, init: str | os.PathLike) -> list[str]:
         describe=functools.partial(describe_mismatch, source="checkpoint", target="model"),
     )
     return [format_path(p) for p in fresh]
+
+
+def load_backbone_init(model: nnx.Module, init: str | os.PathLike) -> int:
+    """torchvision's ``weights_backbone``: the ``features`` of a MobileNetV3-Large classifier checkpoint
+    (a torchvision .pth such as the ImageNet weights, or a ``mbv3_jax.save`` directory) into the
+    backbone of a detection or segmentation model; every backbone variable must come from it with its
+    shape, the heads keep their initialisation. Returns the number of variables loaded."""
+    prefix = getattr(type(model), "backbone_features", None)
+    if prefix is None:
+        raise ValueError("model.backbone_init initialises a detection or segmentation model's backbone")
+    path = Path(init).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--model.backbone_init {path} does not exist")
+    classifier = get_model("mobilenet_v3_large", num_classes=1000)
+    try:
+        load_init(classifier, path)
+    except ValueError as e:
+        raise ValueError(f"--model.backbone_init {path} is not a MobileNetV3-Large classifier's: {e}") from e
+    sources = {
+        p[1:]: np.asarray(v.get_value())
+        for p, v in variables_by_path(classifier).items()
+        if p[0] == "features"
+    }
+    n = len(prefix)
+    targets = {p[n:]: v for p, v in variables_by_path(model).items() if p[:n] == prefix}
+    # A frozen BatchNorm counts no batches: torchvision's FrozenBatchNorm2d drops the counter on load.
+    sources = {p: v for p, v in sources.items() if p in targets or p[-1] != "num_batches_tracked"}
+    copy_by_path(
+        sources,
+        targets,
+        context=f"--model.backbone_init {path}: its features do not fit the backbone",
+        describe=functools.partial(describe_mismatch, source="checkpoint", target="backbone"),
+    )
+    return len(targets)
 
 
 SEGMENTATION_MODELS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_mobilenet_v3_large")
@@ -189,6 +219,12 @@ def build_model(cfg: Any, num_classes: int, seed: int = 0, qat_cfg: Any = None) 
         if qat_cfg is not None and qat_cfg.enabled:
             raise ValueError(f"quantization-aware training needs a classifier, not {cfg.name}")
         kwargs = {"aux_loss": True} if cfg.aux_loss else {}
+        if cfg.backbone_init and task_kind(cfg.name) == "detection":
+            # torchvision builds from backbone weights so: Faster R-CNN's BatchNorm frozen (and its
+            # last 3 stages trained), SSDlite's last blocks at full width.
+            kwargs["frozen_batchnorm" if "fasterrcnn" in cfg.name else "reduced_tail"] = (
+                "fasterrcnn" in cfg.name
+            )
         if cfg.trainable_backbone_layers is not None:
             if task_kind(cfg.name) != "detection":
                 raise ValueError(f"model.trainable_backbone_layers is for detection models, not {cfg.name}")
@@ -205,8 +241,12 @@ def build_model(cfg: Any, num_classes: int, seed: int = 0, qat_cfg: Any = None) 
             dropout=cfg.dropout,
             dtype=dtype,
         )
+    if cfg.init and cfg.backbone_init:
+        raise ValueError("give model.init (the whole model) or model.backbone_init (its backbone), not both")
     if cfg.init:
         load_init(model, cfg.init)
+    if cfg.backbone_init:
+        load_backbone_init(model, cfg.backbone_init)
     if cfg.bn_momentum is not None:
         for _, node in nnx.iter_graph(model):
             if isinstance(node, BatchNorm):
@@ -289,7 +329,20 @@ def learning_rate(cfg: Any, global_batch: int, steps_per_epoch: int, total_steps
 
 
 def make_optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """``rmsprop_torch`` (torchvision), ``rmsprop_tf`` (the paper's TF1 RMSProp) or torch-style SGD."""
+    """``rmsprop_torch`` (torchvision), ``rmsprop_tf`` (the paper's TF1 RMSProp) or torch-style SGD;
+    with ``cfg.aux_lr_mult`` the aux head's updates scaled by it (each optimizer's update is its lr times
+    a term that does not depend on the lr, so this is torch's param group of lr x aux_lr_mult)."""
+    tx = _optimizer(cfg, schedule)
+    if cfg.aux_lr_mult == 1.0:
+        return tx
+
+    def aux_head(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key == "aux_classifier", params)
+
+    return optax.chain(tx, optax.masked(optax.scale(cfg.aux_lr_mult), aux_head))
+
+
+def _optimizer(cfg: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     mask = None if cfg.norm_weight_decay else optim.weight_decay_mask
     if cfg.optimizer == "rmsprop_torch":
         return optim.rmsprop_torch(
@@ -546,6 +599,14 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"train.eval_batch must be >= 1 (or unset: global_batch), got {t.eval_batch}")
     if config.data.max_boxes < 1:
         raise ValueError(f"data.max_boxes must be >= 1, got {config.data.max_boxes}")
+    if config.data.batch_shapes not in ("grouped", "square"):
+        raise ValueError(f"data.batch_shapes must be 'grouped' or 'square', got {config.data.batch_shapes!r}")
+    if config.data.eval_size_divisible is not None and config.data.eval_size_divisible < 1:
+        raise ValueError(f"data.eval_size_divisible must be >= 1, got {config.data.eval_size_divisible}")
+    if not math.isfinite(o.aux_lr_mult) or o.aux_lr_mult < 0:
+        raise ValueError(f"optim.aux_lr_mult must be a finite number >= 0, got {o.aux_lr_mult}")
+    if o.aux_lr_mult != 1.0 and not config.model.aux_loss:
+        raise ValueError("optim.aux_lr_mult scales the aux head's lr: set model.aux_loss (DeepLabV3)")
 
 
 def run(config: TrainConfig, *, allow_config_change: bool = False) -> dict[str, Any]:
@@ -571,6 +632,15 @@ def run(config: TrainConfig, *, allow_config_change: bool = False) -> dict[str, 
     workdir = Path(config.workdir).absolute()
     with checkpointing.setup_workdir(workdir, config.to_dict(), allow_config_change=allow_config_change):
         return _run(config, workdir, t_start)
+
+
+def _train_order(
+    num_records: int, batch: int, seed: int, shuffle: bool, shapes: np.ndarray | None
+) -> data.GlobalOrder | batching.GroupedOrder:
+    """The order of the training records: batches of one shape each where ``shapes`` are given."""
+    if shapes is None:
+        return data.GlobalOrder(num_records, batch, seed, shuffle)
+    return batching.GroupedOrder.of(shapes, batch, seed, shuffle)
 
 
 def _classification_transforms(cfg_data: Any) -> tuple[Callable, Callable]:
@@ -654,29 +724,45 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
             f"model.num_classes={num_classes}, but the training data has {train_split.num_classes} classes "
             f"(labels 0..{train_split.num_classes - 1}); leave model.num_classes unset to use the data's"
         )
+    model = build_model(config.model, num_classes, cfg_train.seed, config.qat)
+    grouped = cfg_data.batch_shapes == "grouped"
+    resizes = kind == "detection" and keep_ratio(model)  # Faster R-CNN: each image keeps its aspect ratio
+    train_shapes = None
+    if resizes and grouped:
+        sizes = batching.image_sizes(train_split, progress=proc == 0)
+        train_shapes = batching.detection_train_shapes(sizes, model.config.min_size, model.config.max_size)
     offset, local = local_batch_offset(mesh, G)
     if cfg_data.process_sharding == "process":
-        order = data.GlobalOrder(len(train_split), local, cfg_train.seed + 7919 * proc, cfg_data.shuffle)
+        if nproc > 1 and train_shapes is not None and len(np.unique(train_shapes, axis=0)) > 1:
+            raise ValueError(
+                "data.process_sharding 'process' gives each process its own images, so the processes' "
+                "batches could differ in shape at a step: use 'global', or data.batch_shapes 'square'"
+            )
+        seed = cfg_train.seed + 7919 * proc
+        order = _train_order(len(train_split), local, seed, cfg_data.shuffle, train_shapes)
         data_offset, data_count = 0, 1
     else:
-        order = data.GlobalOrder(len(train_split), G, cfg_train.seed, cfg_data.shuffle)
+        order = _train_order(len(train_split), G, cfg_train.seed, cfg_data.shuffle, train_shapes)
         data_offset, data_count = offset // local, G // local
+    if train_shapes is not None:
+        counts = np.bincount(order.group_of, minlength=len(order.shapes))
+        _log(
+            "training batches grouped by shape (one compilation each): "
+            + ", ".join(f"{h}x{w}: {n} images" for (h, w), n in zip(order.shapes, counts, strict=True))
+        )
     spe = order.steps_per_epoch
     total = cfg_train.max_steps if cfg_train.max_steps is not None else max(1, round(cfg_train.epochs * spe))
     eval_every = cfg_train.eval_every_steps or max(1, round(cfg_train.eval_every_epochs * spe))
     ckpt_every = config.checkpoint.every_steps
 
-    # Model, optimizer, steps
-    model = build_model(config.model, num_classes, cfg_train.seed, config.qat)
+    # Optimizer, steps
     qat_schedule = QATSchedule.from_config(config.qat, spe) if config.qat.enabled else None
     schedule = learning_rate(cfg_optim, G, spe, total)
     tx = make_optimizer(cfg_optim, schedule)
     if kind == "segmentation":
         task: Task = Segmentation(num_classes, config.model.aux_weight)
     elif kind == "detection":
-        task = Detection(
-            num_classes, detection_input_size(model), train_split.category_ids, keep_ratio(model)
-        )
+        task = Detection(num_classes, train_split.category_ids, keep_ratio(model))
     else:
         task = Classification(cfg_optim.label_smoothing)
     steps = make_steps(
@@ -729,15 +815,34 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
             f"{qat_schedule.observer_steps}, BatchNorm statistics until step {qat_schedule.batch_norm_steps}"
         )
 
+    eval_shapes = None
+    if kind == "segmentation" and grouped:
+        eval_shapes = batching.segmentation_eval_shapes(
+            batching.image_sizes(eval_split, progress=proc == 0),
+            cfg_data.eval_resize,
+            cfg_data.eval_size_divisible or 1,
+        )
+    elif resizes and grouped:
+        eval_shapes = batching.detection_eval_shapes(
+            batching.image_sizes(eval_split, progress=proc == 0),
+            model.config.min_size,
+            model.config.max_size,
+            cfg_data.eval_size_divisible or 32,
+        )
+    if eval_shapes is not None:
+        num_shapes = len(np.unique(eval_shapes, axis=0))
+        _log(f"evaluation: {len(eval_split)} images in {num_shapes} shape(s), one compilation each")
     if kind == "segmentation":
         mean, std = tuple(cfg_data.mean), tuple(cfg_data.std)
-        eval_tf = augment.SegmentationEvalTransform(cfg_data.eval_resize, cfg_data.eval_crop, mean, std)
+        eval_size = None if grouped else cfg_data.eval_crop
+        eval_tf = augment.SegmentationEvalTransform(cfg_data.eval_resize, eval_size, mean, std)
         train_tf = augment.SegmentationTrainTransform(
             cfg_data.base_size, cfg_data.train_crop, cfg_data.hflip, mean, std, tuple(cfg_data.resize_range)
         )
     elif kind == "detection":
         mean, std = tuple(model.config.image_mean), tuple(model.config.image_std)  # the model's transform
-        box_kw = dict(size=task.image_size, max_boxes=cfg_data.max_boxes, mean=mean, std=std)
+        size = (None if grouped else detection_input_size(model)) if resizes else SSD_INPUT_SIZE
+        box_kw = dict(size=size, max_boxes=cfg_data.max_boxes, mean=mean, std=std)
         if task.keep_ratio:
             box_kw["keep_ratio"] = (model.config.min_size, model.config.max_size)
         # torchvision's presets: "ssdlite" for SSDlite, "hflip" (flip only) for Faster R-CNN.
@@ -764,6 +869,7 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
             eval_split,
             eval_tf,
             eval_G,
+            shapes=eval_shapes,
             process_index=eval_offset // eval_local,
             process_count=eval_G // eval_local,
         )

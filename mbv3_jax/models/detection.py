@@ -228,6 +228,7 @@ class FasterRCNN(Model):
     # The transform resizes keeping each image's aspect ratio (shorter side min_size, longer at most
     # max_size); batches are padded to a common size.
     keeps_aspect_ratio: ClassVar[bool] = True
+    backbone_features: ClassVar[tuple[str, ...]] = ("backbone", "body")  # MobileNetV3-Large's features
 
     def __init__(
         self,

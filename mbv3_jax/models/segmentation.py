@@ -13,7 +13,7 @@ torchvision ``FCN`` for parity and export.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +119,8 @@ class SegmentationModel(Model):
     Calling the model runs compiled (one program per input shape). A new model is in train mode,
     as in torchvision: call ``.eval()`` for inference.
     """
+
+    backbone_features: ClassVar[tuple[str, ...]] = ("backbone",)  # MobileNetV3-Large's (dilated) features
 
     def __init__(self, builder: str, kwargs: dict[str, Any], *, dtype, param_dtype, rngs: nnx.Rngs):
         table, _ = mobilenet_v3_config("mobilenet_v3_large", 1.0, False, True)

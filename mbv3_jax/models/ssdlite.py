@@ -227,6 +227,7 @@ class SSD(Model):
     """
 
     keeps_aspect_ratio: ClassVar[bool] = False  # the transform resizes every image to 320 x 320
+    backbone_features: ClassVar[tuple[str, ...]] = ("backbone", "features")  # MobileNetV3-Large's features
 
     def __init__(
         self,

@@ -10,14 +10,22 @@ at epochs 16 and 22, 26 epochs, a linear warm-up in the first epoch (torchvision
 iterations from 0.001 x lr), horizontal flip (the ``hflip`` preset), COCO mAP on val2017.
 
 Where it differs, and why:
-- the backbone starts from scratch: torchvision starts from ImageNet weights (and freezes the first
-  stages, ``trainable_backbone_layers=3``), which the trainer cannot load alone or freeze yet;
-- batches are not grouped by aspect ratio: every image is padded to one 640 x 640 square (one
-  compiled program), where torchvision pads each batch of similar shapes to its largest image;
+- the backbone starts from scratch unless ``--model.backbone_init`` names torchvision's ImageNet
+  MobileNetV3-Large file (``mobilenet_v3_large-8738ca79.pth``), which the reference downloads; given
+  it, the backbone's BatchNorm is frozen and its last 3 stages train, as torchvision builds it;
+- aspect-ratio grouping by padded shape: each image goes to the smallest of 5 shapes that holds it
+  resized (``train.coco_data.default_buckets``: 320x320, 320x448, 448x320, 320x640, 640x320 for the
+  320 model), every batch holds images of one shape, padded to it (one compilation per shape).
+  torchvision groups into 8 aspect-ratio bins and pads each batch to its largest image, rounded up
+  to 32, so a batch here may carry more padding; the order follows its ``GroupedBatchSampler``;
+- evaluation runs 16 images of one size per batch, each resized and padded up to 32 as torchvision's
+  one-image batches are (one compilation per size);
 - the warm-up starts at 0.01 x lr over one epoch (the trainer's linear warm-up), not 0.001;
 - TFDS numbers COCO's 80 categories 0..79, so the model has 81 classes, not torchvision's 91;
-- images without annotations stay in training (adding only background), and ground-truth areas
-  for COCO's size split are box areas (see ``ssdlite_coco``).
+- on TFDS, images without annotations stay in training (adding only background; a COCO folder,
+  ``--data.coco_folder``, drops them as torchvision does), ground-truth areas for COCO's size split
+  are box areas (see ``ssdlite_coco``), and the image sizes are read from every image's header once
+  at the start (a COCO folder's annotation file has them).
 Copy this file, edit it, and pass its path to ``mbv3-train --config``.
 """
 

@@ -8,8 +8,9 @@ over 660 epochs after a linear warm-up in the first epoch (torchvision: min(1000
 from 0.001 x lr), RandomIoUCrop + horizontal flip, fixed 320x320 input, COCO mAP on val2017.
 
 Where it differs, and why:
-- the backbone starts from scratch: torchvision starts from ImageNet weights (``weights_backbone``),
-  which ``model.init`` cannot load alone (it loads a whole SSDlite checkpoint, e.g. torchvision's);
+- the backbone starts from scratch unless ``--model.backbone_init`` names torchvision's ImageNet
+  MobileNetV3-Large file (``mobilenet_v3_large-8738ca79.pth``), which the reference downloads (its
+  last blocks then keep their full width, as torchvision builds SSDlite from backbone weights);
 - the warm-up starts at 0.01 x lr (the trainer's linear warm-up), not 0.001, over one epoch;
 - TFDS numbers COCO's 80 categories 0..79, so the model has 81 classes (background + 80) where
   torchvision's has 91 (COCO's category ids, 11 of them unused);
