@@ -425,3 +425,12 @@ def test_qat_recipe_and_float_start(tmp_path):
         build_model(ModelConfig(name="mobilenet_v3_small", dtype="bfloat16"), 10, qat_cfg=QATConfig(True))
     with pytest.raises(TypeError, match="float MobileNetV3"):
         qat.from_float(model)
+
+
+def test_benchmark_runs_a_classifier_step():
+    """``python -m train.benchmark``'s JAX side builds each task's step (here a classifier's)."""
+    from train.benchmark import jax_step_runner
+
+    compile_s, run = jax_step_runner("mobilenet_v3_small", 2, 32, num_classes=10)
+    run()
+    assert compile_s > 0

@@ -62,11 +62,10 @@ def jax_step_runner(name: str, batch: int, size: int, num_classes: int | None = 
     model = trainer.build_model(
         ModelConfig(name=name, dropout=0.2, aux_loss="deeplabv3" in name), num_classes
     )
-    task = {
-        "classification": tasks.Classification(),
-        "segmentation": tasks.Segmentation(num_classes),
-        "detection": tasks.Detection(num_classes, None, trainer.keep_ratio(model)),
-    }[kind]
+    if kind == "detection":
+        task = tasks.Detection(num_classes, None, trainer.keep_ratio(model))
+    else:
+        task = tasks.Segmentation(num_classes) if kind == "segmentation" else tasks.Classification()
     optim = OptimConfig()
     schedule = trainer.learning_rate(optim, batch, steps_per_epoch=1000, total_steps=10_000)
     mesh = sharding.make_mesh()
