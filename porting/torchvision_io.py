@@ -458,6 +458,19 @@ _BACKBONE_RULES: dict[str, list] = {
 _BACKBONE_KWARGS: dict[str, dict[str, Any]] = {"ssdlite320_mobilenet_v3_large": {"reduced_tail": False}}
 
 
+def detector_options(name: str, state_dict: Mapping[str, Any]) -> dict[str, bool]:
+    """The builder options a detector's torchvision checkpoint implies: ``frozen_batchnorm`` for a
+    Faster R-CNN (torchvision builds detectors from trained weights with FrozenBatchNorm2d, which keeps
+    no batch counters), ``reduced_tail`` for SSDlite (halved unless built on ImageNet backbone
+    weights: the last block's width says)."""
+    if name.startswith("fasterrcnn_"):
+        return {"frozen_batchnorm": not any(k.endswith("num_batches_tracked") for k in state_dict)}
+    if name == "ssdlite320_mobilenet_v3_large":
+        last = state_dict.get("backbone.features.1.3.0.weight")
+        return {"reduced_tail": last is None or tuple(last.shape)[0] != 960}
+    return {}
+
+
 def load_torchvision(
     name: str,
     weights: Any = None,
@@ -512,13 +525,8 @@ def load_torchvision(
         n = len(enum.meta["categories"])
         if kwargs.setdefault("num_classes", n) != n:
             raise ValueError(f"{enum} has {n} classes, but num_classes={kwargs['num_classes']} was asked")
-    if name.startswith("fasterrcnn_") and "frozen_batchnorm" not in kwargs:
-        # torchvision builds detectors from trained weights with FrozenBatchNorm2d (no counters).
-        kwargs["frozen_batchnorm"] = not any(k.endswith("num_batches_tracked") for k in state_dict)
-    if name == "ssdlite320_mobilenet_v3_large" and "reduced_tail" not in kwargs:
-        # torchvision halves the tail unless built on ImageNet backbone weights: the checkpoint says.
-        last = state_dict.get("backbone.features.1.3.0.weight")
-        kwargs["reduced_tail"] = last is None or tuple(last.shape)[0] != 960
+    for key, value in detector_options(name, state_dict).items():
+        kwargs.setdefault(key, value)
     if name in _HAS_AUX_HEAD and "aux_loss" not in kwargs:
         # The checkpoint says whether it has the auxiliary head (torchvision's COCO weights do).
         kwargs["aux_loss"] = any(k.startswith("aux_classifier.") for k in state_dict)

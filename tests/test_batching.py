@@ -103,7 +103,9 @@ def test_image_sizes_from_metadata_headers_or_images():
     assert batching.image_sizes(split(sizes=np.asarray(hw)), progress=False).tolist() == [list(s) for s in hw]
     assert batching.image_sizes(split(image_hw=(5, 7)), progress=False).tolist() == [[5, 7]] * 3
     encoded = [{"image": _png(h, w)} for h, w in hw]
-    assert batching.image_sizes(split(encoded=encoded), progress=False).tolist() == [list(s) for s in hw]
+    assert batching.image_sizes(split(encoded=lambda: encoded), progress=False).tolist() == [
+        list(s) for s in hw
+    ]
     assert batching.image_sizes(split(), progress=False).tolist() == [list(s) for s in hw]  # decoded
 
 

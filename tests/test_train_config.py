@@ -22,7 +22,7 @@ from train.config import (
     load_config,
 )
 from train.config import TrainConfig as _TrainConfig
-from train.trainer import build_model, learning_rate, make_optimizer
+from train.trainer import _freezes_backbone_layers, build_model, learning_rate, make_optimizer
 
 if HAVE_TORCH:  # the optional "torch" extra: without it the needs_torch tests skip, the others run
     import torch
@@ -298,8 +298,10 @@ def test_backbone_init_from_a_classifier_checkpoint(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(seg.backbone[16].bn.mean[...]), features[16][1].running_mean.numpy()
     )
-    det = build_model(ModelConfig(name="fasterrcnn_mobilenet_v3_large_320_fpn", backbone_init=str(path)), 5)
+    det_cfg = ModelConfig(name="fasterrcnn_mobilenet_v3_large_320_fpn", backbone_init=str(path))
+    det = build_model(det_cfg, 5)
     assert isinstance(det.backbone.body[16].bn, FrozenBatchNorm) and det.trainable_backbone_layers == 3
+    assert _freezes_backbone_layers(det_cfg)  # the trainer's optimizer gets det.trainable_filter()
     np.testing.assert_array_equal(
         np.asarray(det.backbone.body[16].bn.var[...]), features[16][1].running_var.numpy()
     )
@@ -321,7 +323,8 @@ def test_backbone_init_from_a_classifier_checkpoint(tmp_path):
 
 @needs_torch
 def test_init_a_segmentation_model_from_its_torchvision_checkpoint(tmp_path):
-    """``--model.init`` a torchvision LR-ASPP .pth: every variable of the model comes from it."""
+    """``--model.init`` a torchvision LR-ASPP or Faster R-CNN .pth: every variable of the model comes
+    from it (the detector built as torchvision builds one from trained weights)."""
     import torchvision
 
     torch.manual_seed(0)
@@ -335,6 +338,20 @@ def test_init_a_segmentation_model_from_its_torchvision_checkpoint(tmp_path):
     )
     with pytest.raises(ValueError, match="lraspp.pth"):
         build_model(ModelConfig(name="lraspp_mobilenet_v3_large", init=str(path)), 21)
+    # A trained Faster R-CNN's file (FrozenBatchNorm2d: no batch counters) builds the frozen model.
+    from mbv3_jax.layers import FrozenBatchNorm
+
+    tv_det = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights_backbone=None, num_classes=5
+    )
+    state = {k: v for k, v in tv_det.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "frcnn.pth")
+    det_cfg = ModelConfig(name="fasterrcnn_mobilenet_v3_large_320_fpn", init=str(tmp_path / "frcnn.pth"))
+    det = build_model(det_cfg, 5)
+    assert isinstance(det.backbone.body[0].bn, FrozenBatchNorm) and det.trainable_backbone_layers == 3
+    np.testing.assert_array_equal(
+        np.asarray(det.backbone.body[0].bn.mean[...]), state["backbone.body.0.1.running_mean"].numpy()
+    )
 
 
 def test_image_folder_dataset(tmp_path):

@@ -43,11 +43,12 @@ def image_sizes(split: Any, *, progress: bool = True) -> np.ndarray:
         return np.tile(np.asarray(split.image_hw, np.int64), (n, 1))
 
     if split.encoded is not None:
+        encoded = split.encoded()
 
         def size(i: int) -> Shape:
             from PIL import Image
 
-            with Image.open(io.BytesIO(split.encoded[i][split.image_key])) as img:
+            with Image.open(io.BytesIO(encoded[i][split.image_key])) as img:
                 return img.height, img.width
     else:
 
@@ -143,11 +144,12 @@ class GroupedOrder(GlobalOrder):
     def batch(self, step: int) -> tuple[Shape, np.ndarray]:
         """(the shape, the global batch's records) of ``step``."""
         epoch, i = divmod(int(step), self.steps_per_epoch)
-        if epoch not in self._epochs:
+        batches = self._epochs.get(epoch)  # read once: another thread may clear the cache meanwhile
+        if batches is None:
             if len(self._epochs) > 2:
                 self._epochs.clear()
-            self._epochs[epoch] = self._epoch_batches(epoch)
-        g, records = self._epochs[epoch][i]
+            batches = self._epochs[epoch] = self._epoch_batches(epoch)
+        g, records = batches[i]
         return self.shapes[g], records
 
     def record(self, global_pos: int) -> int:

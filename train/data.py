@@ -253,7 +253,7 @@ class Split:
     category_ids: tuple[int, ...] | None = None  # a COCO folder's category id of each label >= 1
     image_hw: tuple[int, int] | None = None  # every image's (height, width), where the data fixes it
     sizes: np.ndarray | None = None  # (N, 2) each image's (height, width), where known without decoding
-    encoded: Any = None  # the same records with the images undecoded (their sizes read from headers)
+    encoded: Callable[[], Any] | None = None  # opens the records with the images undecoded (bytes)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -409,9 +409,9 @@ def open_split(
     )
     image_shape = getattr(builder.info.features[image_key], "shape", (None, None))
     image_hw = tuple(image_shape[:2]) if None not in image_shape[:2] else None
-    encoded = None
-    if image_hw is None:  # the images' sizes, when asked for, are read from their headers
-        encoded = tfds.data_source(
+
+    def encoded() -> Any:  # the records with undecoded images: their sizes read from headers
+        return tfds.data_source(
             dataset,
             split=shard(builder, split),
             data_dir=data_dir,
@@ -419,6 +419,7 @@ def open_split(
             decoders={image_key: tfds.decode.SkipDecoding()},
             builder_kwargs={"file_format": "array_record"},
         )
+
     return Split(
         source,
         num_classes,
@@ -461,9 +462,10 @@ def _coco_folder_split(
     source = CocoSource(coco, masks=kind == "segmentation", start=start, stop=stop)
     label_key = "mask" if kind == "segmentation" else "objects"
     names = list(coco.class_names)
-    sizes = np.asarray([(img.height, img.width) for img in coco.images[start:stop]], np.int64).reshape(-1, 2)
+    sizes = np.asarray([(img.height, img.width) for img in coco.images], np.int64).reshape(-1, 2)
     distinct = {tuple(hw) for hw in sizes.tolist()}
-    image_hw = distinct.pop() if len(distinct) == 1 else None
+    image_hw = distinct.pop() if len(distinct) == 1 else None  # of the whole split, in every process
+    sizes = sizes[start:stop]
     return Split(
         source,
         coco.num_classes,

@@ -90,6 +90,15 @@ def _init_arrays(path: Path, model: nnx.Module) -> dict[tuple, np.ndarray]:
     return convert_to_jax(state_dict, model, rules_for(builder), strict=False, context=f"--model.init {path}")
 
 
+def _detector_options_of(name: str, path: Path) -> dict[str, bool]:
+    """How torchvision built the detector whose .pth ``path`` is (frozen BatchNorm, SSDlite's tail)."""
+    try:
+        from porting.torchvision_io import detector_options, read_checkpoint
+    except ImportError as e:  # pragma: no cover - needs the torch extra
+        raise ImportError("initialising from a .pth needs torch: pip install 'mbv3-jax[torch]'") from e
+    return detector_options(name, read_checkpoint(path))
+
+
 def load_init(model: nnx.Module, init: str | os.PathLike) -> list[str]:
     """Load pretrained weights into ``model``; a head with another class count stays freshly initialised.
 
@@ -225,6 +234,8 @@ def build_model(cfg: Any, num_classes: int, seed: int = 0, qat_cfg: Any = None) 
             kwargs["frozen_batchnorm" if "fasterrcnn" in cfg.name else "reduced_tail"] = (
                 "fasterrcnn" in cfg.name
             )
+        if cfg.init and Path(cfg.init).expanduser().is_file() and task_kind(cfg.name) == "detection":
+            kwargs |= _detector_options_of(cfg.name, Path(cfg.init).expanduser())
         if cfg.trainable_backbone_layers is not None:
             if task_kind(cfg.name) != "detection":
                 raise ValueError(f"model.trainable_backbone_layers is for detection models, not {cfg.name}")
@@ -634,6 +645,14 @@ def run(config: TrainConfig, *, allow_config_change: bool = False) -> dict[str, 
         return _run(config, workdir, t_start)
 
 
+def _freezes_backbone_layers(cfg: Any) -> bool:
+    """Whether a detector trains only its last backbone stages: as asked, or as torchvision builds it
+    from backbone weights or from a checkpoint with frozen BatchNorm (3 of 6 stages by default)."""
+    if task_kind(cfg.name) != "detection":
+        return False
+    return cfg.trainable_backbone_layers is not None or bool(cfg.backbone_init) or bool(cfg.init)
+
+
 def _train_order(
     num_records: int, batch: int, seed: int, shuffle: bool, shapes: np.ndarray | None
 ) -> data.GlobalOrder | batching.GroupedOrder:
@@ -733,7 +752,7 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
         train_shapes = batching.detection_train_shapes(sizes, model.config.min_size, model.config.max_size)
     offset, local = local_batch_offset(mesh, G)
     if cfg_data.process_sharding == "process":
-        if nproc > 1 and train_shapes is not None and len(np.unique(train_shapes, axis=0)) > 1:
+        if nproc > 1 and train_shapes is not None and train_split.image_hw is None:
             raise ValueError(
                 "data.process_sharding 'process' gives each process its own images, so the processes' "
                 "batches could differ in shape at a step: use 'global', or data.batch_shapes 'square'"
@@ -775,7 +794,7 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
         seed=cfg_train.seed,
         fsdp_min_size=config.mesh.fsdp_min_size,
         qat_schedule=qat_schedule,
-        trainable=model.trainable_filter() if config.model.trainable_backbone_layers is not None else None,
+        trainable=model.trainable_filter() if _freezes_backbone_layers(config.model) else None,
     )
     state = steps.init_state()
 
