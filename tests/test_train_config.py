@@ -185,6 +185,17 @@ def test_learning_rate_scaling():
     assert float(sched(19)) == pytest.approx(0.016) and float(sched(20)) == pytest.approx(0.016 * 0.973)
 
 
+def test_detection_recipe_schedule_is_torchvisions():
+    """fasterrcnn_coco's lr: MultiStepLR at epochs 16 and 22 times LinearLR(0.001) over min(1000, an
+    epoch - 1) iterations (``mbv3_jax.optim.detection_lr``, tested against torch in test_optim)."""
+    from mbv3_jax.optim import detection_lr, schedule_values
+
+    cfg = load_config("fasterrcnn_coco").optim
+    for spe in (40, 1500):
+        got = schedule_values(learning_rate(cfg, 16, spe, 26 * spe), 26 * spe)
+        np.testing.assert_allclose(got, schedule_values(detection_lr(0.02, spe), 26 * spe), rtol=1e-6)
+
+
 def test_tf_mode_recipe_builds_tf1_rmsprop():
     """The tf_mode file wires what it says: TF1 RMSProp (mean square from 1, eps inside the sqrt, lr
     inside the momentum), lr 0.1 per 4096 decayed x0.99 every 3 epochs, L2 on kernels only."""

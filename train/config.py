@@ -144,6 +144,10 @@ class OptimConfig:
     lr_milestones: tuple[int, ...] = ()
     lr_gamma: float = 0.973
     warmup_epochs: float = 0.0
+    # The warm-up in iterations instead, at most the first epoch's less one (torchvision's detection
+    # reference: min(1000, len(data_loader) - 1)).
+    warmup_steps: int | None = None
+    warmup_start_factor: float = 0.01  # the lr factor the linear warm-up starts at (detection: 0.001)
     label_smoothing: float = 0.0
     aux_lr_mult: float = 1.0  # the aux head's lr x this (torchvision's segmentation reference: 10)
     ema_decay: float | None = None  # e.g. 0.9999: keep an exponential moving average of the weights

@@ -334,8 +334,12 @@ def learning_rate(cfg: Any, global_batch: int, steps_per_epoch: int, total_steps
             f"unknown schedule {cfg.schedule!r}; expected step, exponential, cosine, poly, multistep "
             "or constant"
         )
-    if cfg.warmup_epochs:
-        schedule = optim.linear_warmup(schedule, round(cfg.warmup_epochs * steps_per_epoch), 0.01)
+    if cfg.warmup_steps is not None:  # within the first epoch, as torchvision's detection reference
+        warmup = min(cfg.warmup_steps, steps_per_epoch - 1)
+    else:
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if warmup:
+        schedule = optim.linear_warmup(schedule, warmup, cfg.warmup_start_factor)
     return schedule
 
 
@@ -601,6 +605,10 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"optim.lr_gamma must be a finite number > 0, got {o.lr_gamma}")
     if not math.isfinite(o.warmup_epochs) or o.warmup_epochs < 0:
         raise ValueError(f"optim.warmup_epochs must be a finite number >= 0, got {o.warmup_epochs}")
+    if o.warmup_steps is not None and o.warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if not 0 < o.warmup_start_factor <= 1:
+        raise ValueError(f"optim.warmup_start_factor must be in (0, 1], got {o.warmup_start_factor}")
     if o.reference_batch < 1:
         raise ValueError(f"optim.reference_batch must be >= 1, got {o.reference_batch}")
     t = config.train

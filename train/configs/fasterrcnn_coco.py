@@ -6,8 +6,8 @@ weights) on TFDS ``coco/2017``; for the 800 px model set ``model.name`` to
 --epochs 26 --lr-steps 16 22 --aspect-ratio-group-factor 3 --lr 0.02 --batch-size 2 --weights-backbone
 MobileNet_V3_Large_Weights.IMAGENET1K_V1`` with its defaults: SGD momentum 0.9, lr 0.02 for a global
 batch of 16 (scaled linearly with the batch), weight decay 1e-4 on every parameter, MultiStepLR x0.1
-at epochs 16 and 22, 26 epochs, a linear warm-up in the first epoch (torchvision: min(1000, an epoch)
-iterations from 0.001 x lr), horizontal flip (the ``hflip`` preset), COCO mAP on val2017.
+at epochs 16 and 22, 26 epochs, a linear warm-up from 0.001 x lr over the first min(1000, an
+epoch - 1) iterations, horizontal flip (the ``hflip`` preset), COCO mAP on val2017.
 
 Where it differs, and why:
 - the backbone starts from scratch unless ``--model.backbone_init`` names torchvision's ImageNet
@@ -20,7 +20,6 @@ Where it differs, and why:
   to 32, so a batch here may carry more padding; the order follows its ``GroupedBatchSampler``;
 - evaluation runs 16 images of one size per batch, each resized and padded up to 32 as torchvision's
   one-image batches are (one compilation per size);
-- the warm-up starts at 0.01 x lr over one epoch (the trainer's linear warm-up), not 0.001;
 - TFDS numbers COCO's 80 categories 0..79, so the model has 81 classes, not torchvision's 91;
 - on TFDS, images without annotations stay in training (adding only background; a COCO folder,
   ``--data.coco_folder``, drops them as torchvision does), ground-truth areas for COCO's size split
@@ -45,7 +44,9 @@ def get_config() -> TrainConfig:
     o.optimizer = "sgd"
     o.lr, o.reference_batch = 0.02, 16
     o.momentum, o.weight_decay = 0.9, 1e-4
-    o.schedule, o.lr_milestones, o.lr_gamma, o.warmup_epochs = "multistep", (16, 22), 0.1, 1.0
+    o.schedule, o.lr_milestones, o.lr_gamma = "multistep", (16, 22), 0.1
+    # torchvision's warm-up: LinearLR from 0.001 over min(1000, an epoch - 1) iterations (1000 on COCO)
+    o.warmup_steps, o.warmup_start_factor = 1000, 0.001
     t = config.train
     t.epochs, t.global_batch, t.eval_batch = 26, 16, 16
     t.eval_every_epochs = 1

@@ -4,14 +4,13 @@
 --aspect-ratio-group-factor -1 --lr-scheduler cosineannealinglr --lr 0.15 --batch-size 24
 --weight-decay 0.00004 --data-augmentation ssdlite``: SGD momentum 0.9, lr 0.15 for a global batch of
 192 (scaled linearly with the batch), weight decay 4e-5 on every parameter, cosine annealing per epoch
-over 660 epochs after a linear warm-up in the first epoch (torchvision: min(1000, an epoch) iterations
-from 0.001 x lr), RandomIoUCrop + horizontal flip, fixed 320x320 input, COCO mAP on val2017.
+over 660 epochs after a linear warm-up from 0.001 x lr over the first min(1000, an epoch - 1)
+iterations, RandomIoUCrop + horizontal flip, fixed 320x320 input, COCO mAP on val2017.
 
 Where it differs, and why:
 - the backbone starts from scratch unless ``--model.backbone_init`` names torchvision's ImageNet
   MobileNetV3-Large file (``mobilenet_v3_large-8738ca79.pth``), which the reference downloads (its
   last blocks then keep their full width, as torchvision builds SSDlite from backbone weights);
-- the warm-up starts at 0.01 x lr (the trainer's linear warm-up), not 0.001, over one epoch;
 - TFDS numbers COCO's 80 categories 0..79, so the model has 81 classes (background + 80) where
   torchvision's has 91 (COCO's category ids, 11 of them unused);
 - images without (non-crowd) annotations stay in the training set, adding no loss; torchvision's
@@ -37,7 +36,9 @@ def get_config() -> TrainConfig:
     o.optimizer = "sgd"
     o.lr, o.reference_batch = 0.15, 192
     o.momentum, o.weight_decay = 0.9, 4e-5
-    o.schedule, o.warmup_epochs = "cosine", 1.0
+    o.schedule = "cosine"
+    # torchvision's warm-up: LinearLR from 0.001 over min(1000, an epoch - 1) iterations (1000 on COCO)
+    o.warmup_steps, o.warmup_start_factor = 1000, 0.001
     t = config.train
     t.epochs, t.global_batch, t.eval_batch = 660, 192, 192
     t.eval_every_epochs = 1
