@@ -300,6 +300,12 @@ def test_coco_folder_split_keeps_the_files_ids(tmp_path):
     assert {r["image_id"] for r in results} == {101, 102, 103}
     assert {r["category_id"] for r in results} <= {10, 20, 30}
 
+    # --data.coco_labels category_id: the file's ids are the labels (torchvision's 91-class COCO head).
+    raw = data.open_split("unused", "val", kind="detection", coco_folder=str(root), coco_labels="category_id")
+    assert (raw.num_classes, raw.category_ids) == (31, None)
+    _, raw_targets, _ = next(data.eval_batches(raw, transform, 4))
+    np.testing.assert_array_equal(raw_targets["labels"], targets["labels"] * 10)
+
     seg = data.open_split("unused", "val", kind="segmentation", coco_folder=str(root))
     mask = seg.source[0]["mask"]
     assert mask.shape == (128, 128, 1) and set(np.unique(mask)) <= {0, 1, 2, 3}
@@ -308,5 +314,5 @@ def test_coco_folder_split_keeps_the_files_ids(tmp_path):
     two = data.open_split("unused", "val", **kw)
     assert two.num_classes == 3 and two.category_ids == (30, 10)
     assert set(np.unique(two.source[0]["mask"])) <= {0, 1, 2}
-    with pytest.raises(data.DataError, match="coco_categories selects categories of a --data.coco_folder"):
+    with pytest.raises(data.DataError, match="coco_categories and --data.coco_labels describe a --data.coco_folder"):
         data.open_split("mbv3_shapes", "test", kind="segmentation", coco_categories=(30, 10))

@@ -87,6 +87,9 @@ class DataConfig:
     # or COCO's layout, <coco_folder>/annotations/instances_<split>.json + <coco_folder>/<split>/.
     coco_folder: str | None = None
     coco_categories: tuple[int, ...] = ()  # only these COCO category ids, labelled 1..K in this order
+    # "contiguous": the folder's categories as labels 1..K; "category_id": their ids as labels (COCO's
+    # 80 categories as a 91-class head, as torchvision's COCO models)
+    coco_labels: str = "contiguous"
     train_split: str = "train"
     eval_split: str = "validation"
     image_key: str = "image"

@@ -326,6 +326,7 @@ def open_split(
     kind: str = "classification",
     coco_folder: str | None = None,
     coco_categories: Sequence[int] = (),
+    coco_labels: str = "contiguous",
 ) -> Split:
     """Open ``split`` of a TFDS dataset (prepared on first use if it needs no manual download).
 
@@ -341,7 +342,8 @@ def open_split(
     (:func:`train.coco_data.split_folder` says where each split is; categories become labels 1..K;
     the ``train`` split drops images without annotations, as torchvision's references do; for
     segmentation, images with at most 1000 pixels of annotation, as its segmentation reference);
-    ``coco_categories``: only these category ids, labelled 1..K in this order.
+    ``coco_categories``: only these category ids, labelled 1..K in this order; ``coco_labels``
+    "category_id": the ids themselves as labels (torchvision's COCO models: 91 classes).
     """
     tfds = _tfds()
 
@@ -355,9 +357,11 @@ def open_split(
         return f"{name}[{index * per}:{(index + 1) * per}]"
 
     if coco_folder:
-        return _coco_folder_split(coco_folder, split, kind, process_shard, coco_categories)
-    if coco_categories:
-        raise DataError("--data.coco_categories selects categories of a --data.coco_folder: give the folder")
+        return _coco_folder_split(coco_folder, split, kind, process_shard, coco_categories, coco_labels)
+    if coco_categories or coco_labels != "contiguous":
+        raise DataError(
+            "--data.coco_categories and --data.coco_labels describe a --data.coco_folder: give the folder"
+        )
     if image_folder and kind != "classification":
         raise DataError(f"--data.image_folder holds classification data; {kind} reads a TFDS dataset")
     if image_folder:
@@ -439,7 +443,12 @@ SEGMENTATION_MIN_ANNOTATED_AREA = 1000
 
 
 def _coco_folder_split(
-    root: str, split: str, kind: str, process_shard: tuple[int, int] | None, categories: Sequence[int] = ()
+    root: str,
+    split: str,
+    kind: str,
+    process_shard: tuple[int, int] | None,
+    categories: Sequence[int] = (),
+    labels: str = "contiguous",
 ) -> Split:
     from train.coco_data import CocoSource, load_coco_folder, split_folder
 
@@ -452,6 +461,7 @@ def _coco_folder_split(
         annotation_file=annotation_file,
         remove_images_without_annotations=split.startswith("train"),
         categories=list(categories) or None,
+        labels=labels,
         min_annotated_area=SEGMENTATION_MIN_ANNOTATED_AREA if kind == "segmentation" else None,
     )
     start, stop = 0, len(coco)
@@ -475,7 +485,7 @@ def _coco_folder_split(
         split,
         kind,
         0,
-        coco.category_ids,
+        coco.category_ids if labels == "contiguous" else None,  # raw ids: the labels are the ids
         image_hw=image_hw,
         sizes=sizes,
     )

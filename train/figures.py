@@ -107,6 +107,7 @@ def detection_predictions(
         kind="detection",
         coco_folder=d.coco_folder,
         coco_categories=d.coco_categories,
+        coco_labels=d.coco_labels,
     )
     examples = [split.source[i] for i in range(min(num_images, len(split)))]
     images = [np.asarray(ex[split.image_key]) for ex in examples]
@@ -174,6 +175,7 @@ def segmentation_predictions(
         kind="segmentation",
         coco_folder=d.coco_folder,
         coco_categories=d.coco_categories,
+        coco_labels=d.coco_labels,
     )
     size = d.eval_crop if d.batch_shapes == "square" else None  # as the run evaluated
     transform = augment.SegmentationEvalTransform(d.eval_resize, size, tuple(d.mean), tuple(d.std))

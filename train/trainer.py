@@ -721,6 +721,7 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
         image_folder=cfg_data.image_folder,
         coco_folder=cfg_data.coco_folder,
         coco_categories=cfg_data.coco_categories,
+        coco_labels=cfg_data.coco_labels,
         image_key=cfg_data.image_key,
         label_key=cfg_data.label_key,
     )

@@ -25,6 +25,9 @@ Where it differs, and why:
   ``--data.coco_folder``, drops them as torchvision does), ground-truth areas for COCO's size split
   are box areas (see ``ssdlite_coco``), and the image sizes are read from every image's header once
   at the start (a COCO folder's annotation file has them).
+From COCO's own files instead, as the reference reads them (91 classes by category id, images
+without annotations dropped, sizes from the annotation file): ``--data.coco_folder /path/to/coco
+--data.train_split train2017 --data.eval_split val2017 --data.coco_labels category_id``.
 Copy this file, edit it, and pass its path to ``mbv3-train --config``.
 """
 

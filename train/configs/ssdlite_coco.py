@@ -17,6 +17,9 @@ Where it differs, and why:
   reference drops them (``_coco_remove_images_without_annotations``);
 - ground-truth areas for COCO's small / medium / large split are box areas (TFDS keeps no mask
   areas), so APs / APm / APl differ from pycocotools on the annotation file; AP, AP50 and AP75 do not.
+From COCO's own files instead, as the reference reads them (91 classes by category id, images
+without annotations dropped, sizes from the annotation file): ``--data.coco_folder /path/to/coco
+--data.train_split train2017 --data.eval_split val2017 --data.coco_labels category_id``.
 Copy this file, edit it, and pass its path to ``mbv3-train --config``.
 """
 
