@@ -859,7 +859,8 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
         )
     if eval_shapes is not None:
         num_shapes = len(np.unique(eval_shapes, axis=0))
-        _log(f"evaluation: {len(eval_split)} images in {num_shapes} shape(s), one compilation each")
+        hint = " (--data.eval_size_divisible 32 or 64 pads them to fewer)" if num_shapes > 64 else ""
+        _log(f"evaluation: {len(eval_split)} images in {num_shapes} shape(s), one compilation each{hint}")
     if kind == "segmentation":
         mean, std = tuple(cfg_data.mean), tuple(cfg_data.std)
         eval_size = None if grouped else cfg_data.eval_crop
