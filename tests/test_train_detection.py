@@ -314,5 +314,5 @@ def test_coco_folder_split_keeps_the_files_ids(tmp_path):
     two = data.open_split("unused", "val", **kw)
     assert two.num_classes == 3 and two.category_ids == (30, 10)
     assert set(np.unique(two.source[0]["mask"])) <= {0, 1, 2}
-    with pytest.raises(data.DataError, match="coco_categories and --data.coco_labels describe a --data.coco_folder"):
+    with pytest.raises(data.DataError, match="coco_labels describe a --data.coco_folder"):
         data.open_split("mbv3_shapes", "test", kind="segmentation", coco_categories=(30, 10))
