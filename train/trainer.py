@@ -174,17 +174,12 @@ def keep_ratio(model: Any) -> bool:
     return model.keeps_aspect_ratio
 
 
-def detection_input_size(model: Any, image_hw: tuple[int, int] | None = None) -> int:
-    """The side of a detection batch: SSDlite's fixed 320, or Faster R-CNN's max_size rounded up to 32
-    (every resized image fits it, so one program serves every batch), or, when every image of the
-    data has one size ``image_hw``, its resized longer side rounded up to 32."""
+def detection_input_size(model: Any) -> int:
+    """The side of a square detection batch: SSDlite's fixed 320, or Faster R-CNN's max_size rounded up
+    to 32 (every resized image fits it: ``data.batch_shapes square``)."""
     if not keep_ratio(model):
         return SSD_INPUT_SIZE
-    from mbv3_jax.models.detection import resized_size
-
-    cfg = model.config
-    side = max(resized_size(*image_hw, cfg.min_size, cfg.max_size)) if image_hw else cfg.max_size
-    return -(-side // 32) * 32
+    return -(-model.config.max_size // 32) * 32
 
 
 SSD_INPUT_SIZE = 320
@@ -231,9 +226,10 @@ def build_model(cfg: Any, num_classes: int, seed: int = 0, qat_cfg: Any = None) 
         if cfg.backbone_init and task_kind(cfg.name) == "detection":
             # torchvision builds from backbone weights so: Faster R-CNN's BatchNorm frozen (and its
             # last 3 stages trained), SSDlite's last blocks at full width.
-            kwargs["frozen_batchnorm" if "fasterrcnn" in cfg.name else "reduced_tail"] = (
-                "fasterrcnn" in cfg.name
-            )
+            if "fasterrcnn" in cfg.name:
+                kwargs["frozen_batchnorm"] = True
+            else:
+                kwargs["reduced_tail"] = False
         if cfg.init and Path(cfg.init).expanduser().is_file() and task_kind(cfg.name) == "detection":
             kwargs |= _detector_options_of(cfg.name, Path(cfg.init).expanduser())
         if cfg.trainable_backbone_layers is not None:
