@@ -101,9 +101,9 @@ def test_interpolate_bilinear_float64_matches_torch():
 @pytest.mark.parametrize(
     "shape,kernel,stride,dilation",
     [
-        ((2, 13, 17, 5), 3, 1, 1),  # 13 output rows: prime, one row group per row
-        ((3, 14, 11, 4), 5, 2, 1),
-        ((2, 16, 16, 3), 3, 2, 1),  # 8 output rows: 8 groups of 1
+        ((2, 13, 17, 5), 3, 1, 1),  # 3x3: the kernel gradient summed per image row first
+        ((3, 14, 11, 4), 5, 2, 1),  # 5x5: summed per image first
+        ((2, 16, 16, 3), 3, 2, 1),
         ((2, 15, 15, 3), 3, 1, 2),
         ((1, 7, 9, 6), 5, 1, 1),
     ],
