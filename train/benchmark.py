@@ -10,7 +10,10 @@ one; torch's side also runs that normalize and identity resize, which the traine
 Every side runs one full optimizer step per iteration (forward, the task's loss, backward, PyTorch-mode
 RMSProp with weight decay) on random images, in one process, taking turns round by round (JAX, torch
 eager NCHW, torch eager channels_last, ``torch.compile``-d model, JAX, ...), and the median images/s
-of each is reported with JAX's ratio to the fastest torch side. ``torch.compile`` compiles the model
+of each is reported with JAX's ratio to the fastest torch side. The ``steady`` figures leave out
+each round's first step (the step right after another side ran), as consecutive training steps do:
+on CPU the first step after a switch was measured much slower for JAX (docs/performance.md); they
+need ``--steps`` >= 2. ``torch.compile`` compiles the model
 (inductor, forward and backward; the loss and the optimizer step stay eager). Compile times (the
 JAX step's, and the compiled torch model's first step) are reported separately. On CPU, compare the
 sides under the same ``GLIBC_TUNABLES`` setting, because the allocator setting moves both frameworks'
@@ -205,12 +208,17 @@ def main(argv: list[str] | None = None) -> int:
         first_s[side] = time.perf_counter() - t
         fn()
     rates: dict[str, list[float]] = {side: [] for side in runs}
+    # Seconds per step, each round's first step left out.
+    later_steps: dict[str, list[float]] = {side: [] for side in runs}
     for _ in range(args.rounds):
         for side, fn in runs.items():
-            t = time.perf_counter()
+            times = []
             for _ in range(args.steps):
+                t = time.perf_counter()
                 fn()
-            rates[side].append(args.steps * args.batch / (time.perf_counter() - t))
+                times.append(time.perf_counter() - t)
+            rates[side].append(args.steps * args.batch / sum(times))
+            later_steps[side].extend(times[1:])
     median = {side: statistics.median(r) for side, r in rates.items()}
     fastest = max(sides, key=median.__getitem__)
     result = {
@@ -231,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     result["jax_over_fastest_torch"] = round(median["jax"] / median[fastest], 2)
     if "eager" in sides:
         result["jax_over_torch_eager"] = round(median["jax"] / median["eager"], 2)
+    if args.steps >= 2:
+        steady = {side: args.batch / statistics.median(t) for side, t in later_steps.items()}
+        for side in runs:
+            name = side if side == "jax" else f"torch_{side}"
+            result[f"{name}_steady_images_per_s"] = round(steady[side], 1)
+        fastest_steady = max(sides, key=steady.__getitem__)
+        result["jax_over_fastest_torch_steady"] = round(steady["jax"] / steady[fastest_steady], 2)
     print(json.dumps(result))
     return 0
 
