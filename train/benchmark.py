@@ -10,8 +10,8 @@ one; torch's side also runs that normalize and identity resize, which the traine
 Every side runs one full optimizer step per iteration (forward, the task's loss, backward, PyTorch-mode
 RMSProp with weight decay) on random images, in one process, taking turns round by round (JAX, torch
 eager NCHW, torch eager channels_last, ``torch.compile``-d model, JAX, ...), and the median images/s
-of each is reported with JAX's ratio to the fastest torch side. The ``steady`` figures leave out
-each round's first step (the step right after another side ran), as consecutive training steps do:
+of each is reported with JAX's ratio to the fastest torch side. The ``steady`` figures are the rate
+over all steps but each round's first (the step right after another side ran), as in training:
 on CPU the first step after a switch was measured much slower for JAX (docs/performance.md); they
 need ``--steps`` >= 2. ``torch.compile`` compiles the model
 (inductor, forward and backward; the loss and the optimizer step stay eager). Compile times (the
@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     if "eager" in sides:
         result["jax_over_torch_eager"] = round(median["jax"] / median["eager"], 2)
     if args.steps >= 2:
-        steady = {side: args.batch / statistics.median(t) for side, t in later_steps.items()}
+        # A rate over all those steps, not a median: occasional slow steps count, as in training.
+        steady = {side: args.batch * len(t) / sum(t) for side, t in later_steps.items()}
         for side in runs:
             name = side if side == "jax" else f"torch_{side}"
             result[f"{name}_steady_images_per_s"] = round(steady[side], 1)
