@@ -105,6 +105,24 @@ def platform_choice(cpu_fn: Callable[..., Any], generic_fn: Callable[..., Any], 
     return jax.lax.platform_dependent(*args, cpu=on_cpu, default=elsewhere)
 
 
+# XLA:CPU flags for the command-line tools (XLA reads these from the process's XLA_FLAGS only, when
+# JAX starts its backend): the concurrency-optimized scheduler keeps more temporaries live at once,
+# and a CPU training step maps its temporaries afresh every step (docs/performance.md).
+CPU_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
+
+
+def set_cpu_xla_flags() -> None:
+    """Add ``CPU_XLA_FLAGS`` to ``XLA_FLAGS`` (a flag the user already set wins; CPU kernels off: no
+    change). Effective only before JAX's first computation; other backends ignore these flags."""
+    if not cpu_kernels_enabled():
+        return
+    current = os.environ.get("XLA_FLAGS", "").split()
+    named = {flag.split("=")[0] for flag in current}
+    missing = [flag for flag in CPU_XLA_FLAGS if flag.split("=")[0] not in named]
+    if missing:
+        os.environ["XLA_FLAGS"] = " ".join(current + missing)
+
+
 # ------------------------------------------------------------------------------------------------
 # Kernels
 

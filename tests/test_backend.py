@@ -169,3 +169,20 @@ def test_sharded_train_step_lowered_for_tpu_and_cuda_has_no_cpu_rewrites():
         # Forward and backward: at least one grouped convolution per depthwise layer (Small: 11).
         assert out[platform]["grouped"] >= 11, out
     assert out["cpu"]["cpu_scope"] and out["cpu"]["grouped"] == 0, out
+
+
+def test_cpu_xla_flags_join_the_users(monkeypatch):
+    """The command-line tools' CPU flags are added to XLA_FLAGS; a flag the user set wins."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    backend.set_cpu_xla_flags()
+    flags = os.environ["XLA_FLAGS"].split()
+    assert flags[0] == "--xla_force_host_platform_device_count=8"
+    assert set(backend.CPU_XLA_FLAGS) <= set(flags)
+    mine = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+    monkeypatch.setenv("XLA_FLAGS", mine)
+    backend.set_cpu_xla_flags()
+    assert os.environ["XLA_FLAGS"] == mine
+    monkeypatch.delenv("XLA_FLAGS")
+    with backend.cpu_kernels(False):
+        backend.set_cpu_xla_flags()
+    assert "XLA_FLAGS" not in os.environ

@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         "--channels-last", action="store_true", help="torch channels_last only (= --torch channels_last)"
     )
     args = parser.parse_args(argv)
+    from mbv3_jax import backend
+
+    backend.set_cpu_xla_flags()  # as mbv3-train runs
     import torch
 
     if args.threads:

@@ -33,6 +33,9 @@ data.eval_split says, when the folder lacks that one."""
 
 def train_main(argv: list[str] | None = None) -> int:
     """``mbv3-train --config NAME_OR_FILE [--section.field=value ...]``."""
+    from mbv3_jax import backend
+
+    backend.set_cpu_xla_flags()
     parser = argparse.ArgumentParser(
         prog="mbv3-train",
         description="Train a MobileNetV3 classifier (sharded over all devices; resumes from --workdir).",
