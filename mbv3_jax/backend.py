@@ -11,6 +11,9 @@ generic op, so a program exported for TPU or CUDA from a CPU host carries no CPU
 runs the generic path on the CPU too (what a TPU or GPU runs). The switch is read when a program is
 traced and is part of ``jax.jit``'s cache key, so toggling it selects other compiled programs.
 
+One choice is per process instead: ``set_cpu_xla_flags``, which the command-line tools call before
+JAX starts, because XLA reads those flags from the environment only (other backends ignore them).
+
 Inside the CPU branch everything nested is decided for the CPU directly (and inside the default
 branch for the generic path), so a model is traced twice, not once per nesting level.
 """

@@ -13,8 +13,8 @@ eager NCHW, torch eager channels_last, ``torch.compile``-d model, JAX, ...), and
 of each is reported with JAX's ratio to the fastest torch side. The ``steady`` figures are the rate
 over all steps but each round's first (the step right after another side ran), as in training:
 on CPU the first step after a switch was measured much slower for JAX (docs/performance.md); they
-need ``--steps`` >= 2. ``torch.compile`` compiles the model
-(inductor, forward and backward; the loss and the optimizer step stay eager). Compile times (the
+need ``--steps`` >= 2. ``torch.compile`` compiles the model (inductor, forward and backward; the
+loss and the optimizer step stay eager). Compile times (the
 JAX step's, and the compiled torch model's first step) are reported separately. On CPU, compare the
 sides under the same ``GLIBC_TUNABLES`` setting, because the allocator setting moves both frameworks'
 speed (see docs/performance.md).
