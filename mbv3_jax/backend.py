@@ -213,12 +213,13 @@ def map_micro_batches(fn: Callable[[Array], Any], x: Array, size: int) -> Any:
     """``fn(x)`` computed over micro-batches of ``size`` samples (``lax.map``), outputs re-joined.
 
     For per-sample functions (eval mode) only: the result is then that of ``fn(x)`` up to rounding
-    (XLA blocks a matmul by its row count). ``size`` 0, a batch no larger, or a symbolic batch
-    (``jax.export`` with a batch dimension left open): ``fn(x)`` itself.
+    (XLA blocks a matmul by its row count). ``size`` 0, a batch no larger, a symbolic batch
+    (``jax.export`` with a batch dimension left open) or one split over devices by its type (explicit
+    sharding, where each device computes its own part): ``fn(x)`` itself.
     """
     n = x.shape[0]
     # A symbolic batch cannot be compared with ``size`` or padded to a multiple of it.
-    if not size or jax.export.is_symbolic_dim(n) or n <= size:
+    if not size or jax.export.is_symbolic_dim(n) or n <= size or kernels.explicitly_sharded(x):
         return fn(x)
     pad = (-n) % size
     xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, size, *x.shape[1:])

@@ -38,11 +38,18 @@ def own_buffers(fn: Callable[..., Any], *args: Any) -> Any:
     value XLA cannot fold at compile time. Differentiable (``lax.cond``).
     """
     leaves = [x for x in jax.tree.leaves(args) if getattr(x, "size", 0)]
-    if not leaves:
+    # An explicitly sharded operand has no element every device holds to probe: compute it fused.
+    if not leaves or any(explicitly_sharded(x) for x in leaves):
         return fn(*args)
     # x == x is not foldable for a float (NaN); XLA folds it to true for an integer, hence the convert.
     probe = jnp.ravel(leaves[0])[0].astype(jnp.float32)
     return jax.lax.cond(probe == probe, fn, fn, *args)
+
+
+def explicitly_sharded(x: Any) -> bool:
+    """Whether ``x``'s type splits one of its axes over a mesh (explicit sharding mode)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
+    return any(axis is not None for axis in spec)
 
 
 def _strided_tap(x: Array, row0: int, col0: int, rows: int, cols: int, stride: int) -> Array:

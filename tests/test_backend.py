@@ -186,3 +186,36 @@ def test_cpu_xla_flags_join_the_users(monkeypatch):
     with backend.cpu_kernels(False):
         backend.set_cpu_xla_flags()
     assert "XLA_FLAGS" not in os.environ
+
+
+EXPLICIT_SHARDED_EVAL = textwrap.dedent(
+    """
+    import json
+    import jax, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from mbv3_jax.models import get_model
+
+    model = get_model("mobilenet_v3_small", num_classes=10)
+    model.eval()
+    images = np.random.default_rng(0).random((16, 64, 64, 3), dtype=np.float32)
+    whole = np.asarray(model(images))
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        out = model(jax.device_put(images, NamedSharding(mesh, P("data"))))
+    err = float(np.abs(np.asarray(out) - whole).max() / np.abs(whole).max())
+    print(json.dumps(dict(batch_axis=out.sharding.spec[0], err=err)))
+    """
+)
+
+
+def test_eval_of_an_explicitly_sharded_batch_keeps_it_sharded():
+    """``model(x)`` in eval on a batch split over 8 devices by its type (explicit sharding): the CPU
+    schedules (micro-batches, own buffers), traced for every platform, leave each device its part."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", EXPLICIT_SHARDED_EVAL], env=env, capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["batch_axis"] == "data", out
+    assert out["err"] < 1e-5, out
