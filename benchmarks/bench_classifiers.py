@@ -5,7 +5,10 @@ got applies to all); the systems take turns (JAX, torch eager NCHW, torch eager 
 ``torch.compile``, JAX, ...: one block of ~0.5 s each per round) and the script prints medians, JAX's
 ratio to torch eager NCHW and to the fastest torch row. ``torch.compile`` uses inductor with
 ``freezing`` (weights folded as constants, as for inference) and runs under ``torch.no_grad()``; its
-compile time (the first call) is printed apart, like JAX's first call.
+compile time (the first call) is printed apart, like JAX's first call. The last columns give the
+model's FLOPs per image (``train.flops.generic_flops``) and the FLOP rate of JAX and of the fastest
+torch row as a percentage of the peak: the best 4096x4096 float32 matmul rate measured at the start
+(XLA and torch), or ``--peak-gflops``.
 
     .venv/bin/python benchmarks/bench_classifiers.py                 # Large and Small, batch 1 and 32
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 .venv/bin/python benchmarks/bench_classifiers.py
@@ -28,8 +31,10 @@ import torch._dynamo
 import torch._inductor.config
 import torchvision
 from bench_common import print_environment, time_per_call
+from flax import nnx
 
 from porting import load_torchvision
+from train.flops import MATMUL_SIZE, generic_flops, matmul_gflops
 
 TORCH_PATHS = {"eager": "torch eager", "channels_last": "torch ch_last", "compile": "torch.compile"}
 SHORT = {"eager": "eager", "channels_last": "ch_last", "compile": "compile"}
@@ -100,7 +105,10 @@ def bench(
 
     fns = {"jax": run_jax} | {p: torch_runner(tv, x_torch, p, device) for p in paths}
     s, first = interleave(fns, rounds)
-    return {"s": s, "first_s": first}
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+    flops = generic_flops(forward, state, jax.ShapeDtypeStruct(x_np.shape, jnp.float32))
+    return {"s": s, "first_s": first, "flops": flops}
 
 
 def main() -> None:
@@ -118,14 +126,27 @@ def main() -> None:
         "--channels-last", action="store_true", help="torch channels_last only (= --torch channels_last)"
     )
     parser.add_argument("--torch-device", default="cpu", help="torchvision device (cuda: JAX on a GPU)")
+    parser.add_argument(
+        "--peak-gflops", type=float, default=None,
+        help="the peak FLOP rate for the %%peak columns (default: a float32 matmul's rate measured here)",
+    )  # fmt: skip
     args = parser.parse_args()
     paths = ["channels_last"] if args.channels_last else args.paths
     print_environment(", ".join(TORCH_PATHS[p] for p in paths))
+    if args.peak_gflops:
+        peak = args.peak_gflops
+        print(f"peak {peak:.0f} GFLOP/s (--peak-gflops)")
+    else:
+        rates = matmul_gflops(torch_device=args.torch_device)
+        peak = max(rates.values())
+        measured = ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
+        print(f"peak {peak:.0f} GFLOP/s: best {MATMUL_SIZE}x{MATMUL_SIZE} float32 matmul rate ({measured})")
     head = f"{'model':<20} {'batch':>5} {'JAX img/s':>10}"
     head += "".join(f" {TORCH_PATHS[p] + ' img/s':>20}" for p in paths)
     head += f" {'JAX/' + SHORT[paths[0]]:>18} {'JAX/fastest torch':>20} {'JAX ms':>8} {'compile s':>10}"
     if "compile" in paths:
         head += f" {'torch.compile s':>16}"
+    head += f" {'GFLOP/img':>10} {'JAX %peak':>10} {'fastest %peak':>14}"
     print(head)
     for name in args.models:
         for batch in args.batches:
@@ -139,6 +160,8 @@ def main() -> None:
             line += f" {1e3 * s['jax']:>8.2f} {r['first_s']['jax']:>10.1f}"
             if "compile" in paths:
                 line += f" {r['first_s']['compile']:>16.1f}"
+            percent = {side: 100 * r["flops"] / s[side] / 1e9 / peak for side in ("jax", fastest)}
+            line += f" {r['flops'] / batch / 1e9:>10.3f} {percent['jax']:>9.1f}% {percent[fastest]:>13.1f}%"
             print(line, flush=True)
 
 

@@ -457,8 +457,22 @@ def test_qat_recipe_and_float_start(tmp_path):
 
 def test_benchmark_runs_a_classifier_step():
     """``python -m train.benchmark``'s JAX side builds each task's step (here a classifier's)."""
-    from train.benchmark import jax_step_runner
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
 
-    compile_s, run = jax_step_runner("mobilenet_v3_small", 2, 32, num_classes=10)
-    run()
-    assert compile_s > 0
+    from mbv3_jax.models import get_model
+    from train.benchmark import jax_step_runner
+    from train.flops import generic_flops
+
+    step = jax_step_runner("mobilenet_v3_small", 2, 32, num_classes=10)
+    step.run()
+    assert step.compile_s > 0
+    # Its FLOPs: forward and backward (3 forwards' worth) and the optimizer's per-parameter update.
+    model = get_model("mobilenet_v3_small", num_classes=10)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    forward = generic_flops(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)), state, images)
+    params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert 3 * forward < step.flops < 3.5 * forward + 20 * params, (step.flops, forward, params)

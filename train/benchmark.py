@@ -17,16 +17,20 @@ need ``--steps`` >= 2. ``torch.compile`` compiles the model (inductor, forward a
 loss and the optimizer step stay eager). Compile times (the
 JAX step's, and the compiled torch model's first step) are reported separately. On CPU, compare the
 sides under the same ``GLIBC_TUNABLES`` setting, because the allocator setting moves both frameworks'
-speed (see docs/performance.md).
+speed (see docs/performance.md). ``fraction_of_peak`` is each side's FLOP rate (the step's FLOPs,
+``train.flops.generic_flops``, at its median rate) over the peak: the best 4096x4096 float32 matmul
+rate measured after the timing (XLA and torch), or ``--peak-gflops``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -55,9 +59,16 @@ def random_batch(kind: str, batch: int, size: int, num_classes: int) -> tuple[np
     return images, rng.integers(0, num_classes, batch).astype(np.int32)
 
 
-def jax_step_runner(name: str, batch: int, size: int, num_classes: int | None = None):
-    """(compile seconds, callable running one step and blocking)."""
-    from train import sharding, tasks, trainer
+@dataclasses.dataclass(frozen=True)
+class JaxStep:
+    compile_s: float
+    run: Callable[[], None]  # one training step, blocking until done
+    flops: float  # of one step, counted on the generic path (train.flops.generic_flops)
+
+
+def jax_step_runner(name: str, batch: int, size: int, num_classes: int | None = None) -> JaxStep:
+    """The trainer's jitted step for ``name`` on a random batch, compiled."""
+    from train import flops, sharding, tasks, trainer
     from train.config import ModelConfig, OptimConfig
 
     kind = trainer.task_kind(name)
@@ -83,7 +94,7 @@ def jax_step_runner(name: str, batch: int, size: int, num_classes: int | None = 
         state["s"], out = compiled(state["s"], x, y)
         jax.block_until_ready(out["loss"])
 
-    return compile_s, run
+    return JaxStep(compile_s, run, flops.generic_flops(steps.train_step, state["s"], x, y))
 
 
 def torch_step_runner(
@@ -155,6 +166,28 @@ def torch_step_runner(
 TORCH_SIDES = ("eager", "channels_last", "compile")
 
 
+def peak_fractions(args: argparse.Namespace, flops_per_image: float, images_per_s: dict[str, float]) -> dict:
+    """Each side's FLOP rate as a fraction of the peak: ``--peak-gflops`` or the measured matmul rate."""
+    from train import flops
+
+    if args.peak_gflops:
+        peak, source = args.peak_gflops, "--peak-gflops"
+    else:
+        rates = flops.matmul_gflops(torch_device=args.torch_device)
+        source = max(rates, key=rates.__getitem__)
+        peak = rates[source]
+        source = f"{flops.MATMUL_SIZE}x{flops.MATMUL_SIZE} float32 matmul, {source}"
+    return {
+        "gflop_per_step": round(flops_per_image * args.batch / 1e9, 2),
+        "peak_gflop_s": round(peak, 1),
+        "peak_from": source,
+        "fraction_of_peak": {
+            side if side == "jax" else f"torch_{side}": round(rate * flops_per_image / 1e9 / peak, 3)
+            for side, rate in images_per_s.items()
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mobilenet_v3_large")
@@ -173,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--channels-last", action="store_true", help="torch channels_last only (= --torch channels_last)"
     )
+    parser.add_argument(
+        "--peak-gflops", type=float, default=None,
+        help="the peak FLOP rate to compare with (default: a float32 matmul's rate measured in this run)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from mbv3_jax import backend
 
@@ -193,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"{args.model} is benchmarked at {fixed[args.model]} px (its own resize leaves it as is)"
         )
-    compile_s, jax_run = jax_step_runner(args.model, args.batch, args.size)
-    runs = {"jax": jax_run}
+    jax_step = jax_step_runner(args.model, args.batch, args.size)
+    runs = {"jax": jax_step.run}
     for side in sides:
         runs[side] = torch_step_runner(
             args.model,
@@ -231,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "jax_backend": jax.default_backend(),
         "torch_device": args.torch_device,
         "torch_threads": torch.get_num_threads(),
-        "jax_compile_s": round(compile_s, 1),
+        "jax_compile_s": round(jax_step.compile_s, 1),
         "jax_images_per_s": round(median["jax"], 1),
     }
     for side in sides:
@@ -250,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             result[f"{name}_steady_images_per_s"] = round(steady[side], 1)
         fastest_steady = max(sides, key=steady.__getitem__)
         result["jax_over_fastest_torch_steady"] = round(steady["jax"] / steady[fastest_steady], 2)
+    result |= peak_fractions(args, jax_step.flops / args.batch, median)
     print(json.dumps(result))
     return 0
 
