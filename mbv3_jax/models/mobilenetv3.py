@@ -206,15 +206,19 @@ class MobileNetV3(Model):
         return self._in_micro_batches(lambda xb: self._features(xb, stages), x)
 
     def forward(self, x: jax.Array) -> jax.Array:
-        return self._in_micro_batches(self._logits, x)
+        # The classifier runs once on the whole batch: inside the micro-batches it would read its
+        # weights (10 MB for Large) once per micro-batch.
+        return self._classifier(self._in_micro_batches(self._pooled_features, x))
 
     def _features(self, x: jax.Array, stages: tuple[int, ...]) -> dict[int, jax.Array]:
         return run_stages(self.features, x, stages)
 
-    def _logits(self, x: jax.Array) -> jax.Array:
+    def _pooled_features(self, x: jax.Array) -> jax.Array:
         for layer in self.features:
             x = layer(x)
-        x = jnp.mean(x, axis=(1, 2))
+        return jnp.mean(x, axis=(1, 2))
+
+    def _classifier(self, x: jax.Array) -> jax.Array:
         x = hardswish(self.classifier_hidden(x))
         x = self.dropout(x)
         return self.classifier_out(x)
