@@ -34,7 +34,7 @@ from bench_common import print_environment, time_per_call
 from flax import nnx
 
 from porting import load_torchvision
-from train.flops import MATMUL_SIZE, generic_flops, matmul_gflops
+from train.flops import generic_flops, peak_gflops
 
 TORCH_PATHS = {"eager": "torch eager", "channels_last": "torch ch_last", "compile": "torch.compile"}
 SHORT = {"eager": "eager", "channels_last": "ch_last", "compile": "compile"}
@@ -134,13 +134,10 @@ def main() -> None:
     paths = ["channels_last"] if args.channels_last else args.paths
     print_environment(", ".join(TORCH_PATHS[p] for p in paths))
     if args.peak_gflops:
-        peak = args.peak_gflops
-        print(f"peak {peak:.0f} GFLOP/s (--peak-gflops)")
+        peak, source = args.peak_gflops, "--peak-gflops"
     else:
-        rates = matmul_gflops(torch_device=args.torch_device)
-        peak = max(rates.values())
-        measured = ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
-        print(f"peak {peak:.0f} GFLOP/s: best {MATMUL_SIZE}x{MATMUL_SIZE} float32 matmul rate ({measured})")
+        peak, source = peak_gflops(args.torch_device)
+    print(f"peak {peak:.0f} GFLOP/s: {source}")
     head = f"{'model':<20} {'batch':>5} {'JAX img/s':>10}"
     head += "".join(f" {TORCH_PATHS[p] + ' img/s':>20}" for p in paths)
     head += f" {'JAX/' + SHORT[paths[0]]:>18} {'JAX/fastest torch':>20} {'JAX ms':>8} {'compile s':>10}"

@@ -173,10 +173,7 @@ def peak_fractions(args: argparse.Namespace, flops_per_image: float, images_per_
     if args.peak_gflops:
         peak, source = args.peak_gflops, "--peak-gflops"
     else:
-        rates = flops.matmul_gflops(torch_device=args.torch_device)
-        source = max(rates, key=rates.__getitem__)
-        peak = rates[source]
-        source = f"{flops.MATMUL_SIZE}x{flops.MATMUL_SIZE} float32 matmul, {source}"
+        peak, source = flops.peak_gflops(args.torch_device)
     return {
         "gflop_per_step": round(flops_per_image * args.batch / 1e9, 2),
         "peak_gflop_s": round(peak, 1),

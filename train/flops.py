@@ -73,3 +73,11 @@ def matmul_gflops(
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return rates
+
+
+def peak_gflops(torch_device: str | None = "cpu") -> tuple[float, str]:
+    """The benchmarks' peak: the best of ``matmul_gflops``'s rates, and where it came from."""
+    rates = matmul_gflops(torch_device=torch_device)
+    best = max(rates, key=rates.__getitem__)
+    measured = ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
+    return rates[best], f"best {MATMUL_SIZE}x{MATMUL_SIZE} float32 matmul rate, {best} ({measured})"
