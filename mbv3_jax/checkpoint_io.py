@@ -145,6 +145,8 @@ class _OrbaxNoise(logging.Filter):
         message = record.getMessage()
         if any(path in message for path in self.failed):
             return False
+        if self.failed and message.startswith("Task exception was never retrieved") and "orbax" in message:
+            return False  # an aborted write's task, collected after its failure was reported
         if not self.active or ("orbax" not in record.pathname and "orbax" not in message):
             return True
         with self.lock:
@@ -219,7 +221,9 @@ def _after_failed_write(timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax"):
-            thread.join(max(0.0, deadline - time.monotonic()))
+            # orbax's threads re-raise their own exception on join: one of the same failure.
+            with contextlib.suppress(Exception):
+                thread.join(max(0.0, deadline - time.monotonic()))
     warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
     gc.collect()
 
@@ -246,8 +250,10 @@ def guard_write(what: str, directory: str | os.PathLike) -> Iterator[None]:
     except Exception as e:
         with _NOISE.lock:
             _NOISE.failed.append(str(Path(directory).absolute()))
-        _NOISE.end(drop=True)
-        _after_failed_write()
+        try:  # still held: the aborted writes log their errors as they end
+            _after_failed_write()
+        finally:
+            _NOISE.end(drop=True)
         error = CheckpointIOError(f"could not write {what}: {_cause(e)}")
         error.orbax_error = e  # the original, for debugging
         raise error from None

@@ -196,10 +196,17 @@ def save(
         )
 
     steps = [*saves.unsealed, step] if saves.in_flight else [step]  # the one in flight may fail here
-    _until_written(manager, call, f"checkpoint step {' or '.join(map(str, steps))} to {manager.directory}")
-    saves.unsealed = [step]
-    if saves.async_save:  # its orbax log records are held until it is complete
+    what = f"checkpoint step {' or '.join(map(str, steps))} to {manager.directory}"
+    if saves.async_save:  # its orbax log records are held until it is complete, from before it starts
         hold_orbax_logs()
+    try:
+        _until_written(manager, call, what)
+    except BaseException:
+        if saves.async_save:
+            release_orbax_logs(drop=True)
+        raise
+    saves.unsealed = [step]
+    if saves.async_save:
         saves.in_flight = True
     else:
         done.append(step)
