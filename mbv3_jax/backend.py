@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from mbv3_jax import cpu_kernels as kernels
-from mbv3_jax.ops.conv import xla_conv
+from mbv3_jax.ops.conv import explicitly_sharded, xla_conv
 
 Array = jax.Array
 
@@ -219,7 +219,7 @@ def map_micro_batches(fn: Callable[[Array], Any], x: Array, size: int) -> Any:
     """
     n = x.shape[0]
     # A symbolic batch cannot be compared with ``size`` or padded to a multiple of it.
-    if not size or jax.export.is_symbolic_dim(n) or n <= size or kernels.explicitly_sharded(x):
+    if not size or jax.export.is_symbolic_dim(n) or n <= size or explicitly_sharded(x):
         return fn(x)
     pad = (-n) % size
     xs = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, size, *x.shape[1:])

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mbv3_jax.ops.conv import xla_conv
+from mbv3_jax.ops.conv import explicitly_sharded, xla_conv
 
 Array = jax.Array
 
@@ -44,12 +44,6 @@ def own_buffers(fn: Callable[..., Any], *args: Any) -> Any:
     # x == x is not foldable for a float (NaN); XLA folds it to true for an integer, hence the convert.
     probe = jnp.ravel(leaves[0])[0].astype(jnp.float32)
     return jax.lax.cond(probe == probe, fn, fn, *args)
-
-
-def explicitly_sharded(x: Any) -> bool:
-    """Whether ``x``'s type splits one of its axes over a mesh (explicit sharding mode)."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
-    return any(axis is not None for axis in spec)
 
 
 def _strided_tap(x: Array, row0: int, col0: int, rows: int, cols: int, stride: int) -> Array:
