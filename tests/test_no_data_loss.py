@@ -290,6 +290,19 @@ def test_nan_loss_stops_training(diverged_run):
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 
 
+def test_non_finite_parameters_stop_training_before_their_checkpoint(tmp_path, data_dir, capsys, monkeypatch):
+    # The 5th update spoils the parameters while step 5's loss is still finite: the check before the
+    # step-5 checkpoint (one jitted reduction over the parameters) stops the run instead.
+    args = _train_args(tmp_path / "w", data_dir)
+    args[args.index("--checkpoint.every_steps") + 1] = "5"
+    monkeypatch.setattr(trainer, "make_optimizer", _poisoned_optimizer)
+    assert train_main(args) == 1
+    err = capsys.readouterr().err
+    assert "training diverged: the parameters after step 5 are not finite (the loss was finite so far)" in err
+    assert "No checkpoint was saved" in err
+    assert not [p for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
 def test_bad_learning_rate_and_labels_are_refused(tmp_path, data_dir, capsys):
     args = _train_args(tmp_path / "w", data_dir)
     for flag, message in (

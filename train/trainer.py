@@ -936,8 +936,12 @@ def _run(config: TrainConfig, workdir: Path, t_start: float) -> dict[str, Any]:
 
     @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
     def all_finite(tree: Any) -> jax.Array:
-        leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-        return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves]))
+        by_dtype: dict[Any, list[jax.Array]] = {}
+        for x in jax.tree.leaves(tree):
+            if jnp.issubdtype(x.dtype, jnp.inexact):
+                by_dtype.setdefault(x.dtype, []).append(x.ravel())
+        # One reduction over each dtype's values joined: XLA:CPU compiles one per leaf 10x slower.
+        return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(jnp.concatenate(xs))) for xs in by_dtype.values()]))
 
     def diverged(what: str, lr: float) -> TrainingDiverged:
         if not math.isfinite(lr) or lr < 0:
